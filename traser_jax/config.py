@@ -1,0 +1,181 @@
+"""One typed config schema for TRASER: presets in configs/*.yaml, `key=value` overrides.
+
+Unknown keys fail loudly and name the closest valid keys (MaxText style). Every
+field has a default; a preset YAML sets only what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class VisionConfig:
+    """Qwen2.5-VL vision tower (defaults: the 3B model's)."""
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    out_hidden_size: int = 2048
+    in_channels: int = 3
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass
+class TextConfig:
+    """Qwen2.5 decoder (defaults: the 3B model's)."""
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    num_layers: int = 36
+    num_heads: int = 16
+    num_kv_heads: int = 2
+    intermediate_size: int = 11008
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 128000
+
+
+@dataclass
+class ResamplerConfig:
+    """Idefics2-style perceiver resampler (OTR and TWR share these shapes)."""
+    hidden_size: int = 2048
+    depth: int = 3
+    num_latents: int = 32
+    num_heads: int = 16
+    head_dim: int = 96
+    num_kv_heads: int = 4
+    intermediate_size: int = 8192  # 4 x hidden, as Idefics2's resampler MLP
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass
+class TokenConfig:
+    """Token selection and trajectory arrangement (host side, numpy)."""
+    coverage_threshold: float = 0.5
+    fallback_step: float = 0.2
+    fallback_tries: int = 2
+    window_seconds: float = 4.0
+    max_objects: int = 40
+    max_tokens: int = 20000
+    min_frames: int = 4
+    max_frames: int = 128
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 16384 * 28 * 28
+    # Special token ids of the Qwen2.5-VL tokenizer (+ the two TRASER tokens).
+    vision_start_id: int = 151652
+    vision_end_id: int = 151653
+    video_token_id: int = 151656
+    obj_traj_start_id: int = 151665
+    obj_traj_end_id: int = 151666
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flat_keys(cls, prefix: str = "") -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(_flat_keys(t, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = t
+    return out
+
+
+def valid_keys() -> list[str]:
+    return sorted(_flat_keys(Config))
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=5, cutoff=0.5)
+    hint = f"; closest valid keys: {', '.join(close)}" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    types = _flat_keys(Config)
+    if dotted not in types:
+        raise _unknown(dotted)
+    *path, last = dotted.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, last, _coerce(value, types[dotted], dotted))
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value != "" else value
+    try:
+        if typ is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typ in (int, float, str):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return typ(value)
+        return value  # lists and other structured values: taken as YAML gave them
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {getattr(typ, '__name__', typ)}") from err
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in _flat_keys(Config):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load(preset: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """A preset (a name in configs/ or a YAML path) with `key=value` overrides."""
+    path = Path(preset)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no config preset {str(preset)!r} (looked for {path})")
+    cfg = Config(name=path.stem)
+    for k, v in _flatten(yaml.safe_load(path.read_text()) or {}).items():
+        _set(cfg, k, v)
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
+    for k, v in items:
+        _set(cfg, k, v)
+    return cfg
+
+
+def _split(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    k, v = item.split("=", 1)
+    return k.strip(), v
