@@ -83,12 +83,73 @@ class TokenConfig:
 
 
 @dataclass
+class DataConfig:
+    """Input pipeline: shards -> grain -> packed, bucketed batches."""
+    train_dir: str = "runs/demo/data/train"
+    eval_dir: str = "runs/demo/data/eval"
+    tokenizer: str = ""  # a tokenizer.json; empty: train a small BPE on the training targets (toyworld)
+    tokenizer_vocab_size: int = 2048
+    prompt: str = "Output the Video Scene Graph from the video and object trajectories:"
+    global_batch_size: int = 8
+    grad_accum_steps: int = 1
+    seq_buckets: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768])
+    token_buckets: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384, 65536])
+    worker_count: int = 2  # grain worker processes decoding frames in parallel
+    shuffle_seed: int = 0
+    num_epochs: int = 0  # 0: repeat forever (steps bound the run)
+
+
+@dataclass
+class OptimConfig:
+    """The published recipe: cosine with 1% warmup, wd 0.01, clip 1.0, per-group learning rates."""
+    num_steps: int = 37000
+    lr_llm: float = 2e-5
+    lr_resampler: float = 1e-4
+    lr_merger: float = 5e-5
+    lr_vision: float = 0.0  # 0 freezes the vision tower (no optimizer state)
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh; -1 fills with the remaining devices. Rules map logical axis names to mesh axes."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: list[list[Any]] = field(default_factory=list)  # empty: traser_jax.sharding.DEFAULT_RULES
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots_saveable
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    max_new_tokens: int = 1024
+    repetition_penalty: float = 1.05
+
+
+@dataclass
 class Config:
     name: str = "custom"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
