@@ -72,14 +72,28 @@ class TokenConfig:
     max_tokens: int = 20000
     min_frames: int = 4
     max_frames: int = 128
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 16384 * 28 * 28
+    # Per-frame pixel budget of smart_resize: qwen-vl-utils' video defaults
+    # (VIDEO_MIN_PIXELS / VIDEO_MAX_PIXELS), which the Qwen2.5-VL recipe feeds videos with.
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
     # Special token ids of the Qwen2.5-VL tokenizer (+ the two TRASER tokens).
     vision_start_id: int = 151652
     vision_end_id: int = 151653
     video_token_id: int = 151656
     obj_traj_start_id: int = 151665
     obj_traj_end_id: int = 151666
+    # Shape buckets of the packed inputs (tokens.pad_to_buckets), so jit sees few
+    # shapes: each size pads to the next entry; past the last, to a multiple of it.
+    bucket_selected: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    bucket_length: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 12288, 16384, 20480,
+                                                              24576, 32768])
+    bucket_objects: list[int] = field(default_factory=lambda: [8, 16, 24, 32, 40])
+    bucket_windows: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
+    # Training batches need one vision grid: frames resized to this [height, width]
+    # (multiples of 28) and temporal grids padded up to a bucket. Empty frame_size:
+    # the published smart_resize per video (then batches must share a size).
+    frame_size: list[int] = field(default_factory=list)
+    bucket_grid_t: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])
 
 
 @dataclass
@@ -92,8 +106,6 @@ class DataConfig:
     prompt: str = "Output the Video Scene Graph from the video and object trajectories:"
     global_batch_size: int = 8
     grad_accum_steps: int = 1
-    seq_buckets: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768])
-    token_buckets: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384, 65536])
     worker_count: int = 2  # grain worker processes decoding frames in parallel
     shuffle_seed: int = 0
     num_epochs: int = 0  # 0: repeat forever (steps bound the run)
@@ -126,6 +138,7 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/demo"
+    init_from: str = ""  # a checkpoint from `python -m traser_jax.convert from-hf`; empty: random init
     seed: int = 0
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
