@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned: a later unpinned dependency must not pull another build.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[gen,tfds,test]'
+	$(PY) -m pip install -q -e '.[gen,tfds,eval,test]'
 	# sam2 ships as an sdist; build it against the torch above, without CUDA ops.
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation 'sam2==1.1.0'
 	touch $(STAMP)
