@@ -219,11 +219,12 @@ def to_traser_json(record: Record) -> dict[str, Any]:
     number[CAMERA_ID] = CAMERA_ID
     by_id = record.object_by_id()
     objects = [{f"object {number[oid]}": by_id[oid].name, "attributes": list(by_id[oid].attributes)} for oid in order]
+    last_second = int(math.floor(record.video.duration))  # the last second index of the 1 fps sampling
     rels = []
     for r in record.relations:
         if r.subject not in number or r.object not in number:
             continue  # relation on an object never visible: it has no block in the model input
-        spans = [[int(round(s)), int(round(e))] for s, e in r.spans]
+        spans = [[min(int(round(s)), last_second), min(int(round(e)), last_second)] for s, e in r.spans]
         rels.append([number[r.subject], r.predicate, number[r.object], spans])
     return {"objects": objects, "relationships": rels}
 
@@ -248,8 +249,10 @@ def from_traser_json(payload: dict[str, Any] | str, template: Record, *, strict:
         except (StopIteration, ValueError, KeyError, TypeError, AttributeError) as err:
             if strict:
                 raise RecordError(f"objects[{k}] is not a known 'object N' entry: {entry!r}") from err
+    # Objects never visible have no block in the model input: they keep the template's labels.
+    visible = set(order)
     objects = [dataclasses.replace(o, name=names.get(o.id, ("", []))[0], attributes=names.get(o.id, ("", []))[1])
-               for o in template.objects]
+               if o.id in visible else o for o in template.objects]
     relations = []
     for k, item in enumerate(payload.get("relationships", [])):
         try:

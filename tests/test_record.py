@@ -148,3 +148,20 @@ def test_sample_frame_indices_follow_traser_rule():
     assert len(sample_frame_indices(60, 30.0)) == 4  # 2 s -> clipped up to 4 frames
     assert len(sample_frame_indices(30 * 600, 30.0)) == 128  # 600 s -> clipped to 128
     assert sample_frame_indices(3, 1.0) == [0, 1, 2]  # never more frames than the video has
+
+
+def test_traser_json_spans_stay_inside_the_last_second():
+    rec = make_record()  # 5 s video: second indices 0..5
+    rec.video.num_frames, rec.video.fps = 9, 2.0  # 4.5 s: an end of 4.5 s would round to 5 (past the end)
+    rec.relations = [Relation(10, "near", 11, "spatial", [(4.4, 4.5)])]
+    rec.validate()
+    assert to_traser_json(rec)["relationships"][0][3] == [[4, 4]]
+
+
+def test_from_traser_json_keeps_labels_of_never_visible_objects():
+    rec = make_record()
+    rec.objects[0].masks = [rle.empty(24, 32)] * 5
+    payload = {"objects": [{"object 1": "box", "attributes": ["blue"]}, {"object 2": "ball", "attributes": []}],
+               "relationships": []}
+    back = from_traser_json(payload, rec).validate()
+    assert [o.name for o in back.objects] == ["circle", "box", "ball"]

@@ -107,6 +107,7 @@ class DataConfig:
     global_batch_size: int = 8
     grad_accum_steps: int = 1
     worker_count: int = 2  # grain worker processes decoding frames in parallel
+    cache_in_memory: bool = False  # featurize every video once and keep it (small datasets)
     shuffle_seed: int = 0
     num_epochs: int = 0  # 0: repeat forever (steps bound the run)
 
@@ -206,7 +207,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    if isinstance(value, str):
+    if isinstance(value, str) and typ is not str:  # a str field keeps its text (a prompt may end in ':')
         value = yaml.safe_load(value) if value != "" else value
     try:
         if typ is bool:
@@ -242,6 +243,11 @@ def load(preset: str | Path, overrides: list[str] | dict[str, Any] | None = None
     cfg = Config(name=path.stem)
     for k, v in _flatten(yaml.safe_load(path.read_text()) or {}).items():
         _set(cfg, k, v)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any] | None) -> Config:
+    """Set `key=value` strings or a {dotted key: value} dict on cfg, in place (and return it)."""
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
     for k, v in items:
         _set(cfg, k, v)

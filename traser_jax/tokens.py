@@ -71,9 +71,11 @@ def as_token_fn(tokenizer) -> TokenFn:
 
 
 def chat_texts(prompt: str = DEFAULT_PROMPT, system: str = SYSTEM_PROMPT) -> tuple[str, str]:
-    """Qwen chat template around the object blocks: (text before them, text after them)."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n",
-            f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    """Qwen chat template around the object blocks: (text before them, text after them).
+
+    The user turn holds the prompt text, then the blocks on their own lines."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}\n",
+            "\n<|im_end|>\n<|im_start|>assistant\n")
 
 
 # -- geometry and timing ------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""The training input pipeline: grain over ArrayRecord shards -> packed, bucketed batches.
+
+    ShardReader (random access) -> this host's slice -> shuffle, repeat
+      -> Featurize (worker processes): decode frames, resize to the vision grid,
+         patchify; token selection + trajectory arrangement; prompt + target tokens
+      -> batch with `collate`: pad every video to the batch's shape bucket
+
+A batch is a dict of numpy arrays leading with the batch axis. `grid_thw`,
+`object_ids` and `window_object` stay on the host (they fix the static shapes the
+step compiles for); `DEVICE_KEYS` go to the devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_gen.record import Record, to_traser_json
+from data_gen.shards import Example, ShardReader
+from traser_jax import tokens as tokens_lib
+from traser_jax import config as config_lib
+from traser_jax.config import Config
+from traser_jax.tokenizer import load_tokenizer, serialize_target, train_bpe
+from traser_jax.video_input import normalize, patchify, resize_frames, resized_size
+
+DEVICE_KEYS = ("pixel_values", "sel_token", "otr_segment", "twr_segment", "input_ids", "latent_index",
+               "positions", "attention_mask", "labels")
+
+
+def video_features(record: Record, frames: np.ndarray, cfg: Config) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Sampled frames -> (pixel_values [patches, C*2*14*14], grid_thw) at the size token selection uses."""
+    h, w = resized_size(record.video.height, record.video.width, cfg.vision, cfg.tokens)
+    v = cfg.vision
+    return patchify(normalize(resize_frames(np.asarray(frames), h, w)), v.patch_size, v.temporal_patch_size,
+                    v.spatial_merge_size)
+
+
+@dataclasses.dataclass
+class Features:
+    """One video, featurized and unpadded."""
+    video_id: str
+    pixel_values: np.ndarray
+    grid_thw: tuple[int, int, int]
+    inputs: tokens_lib.TraserInputs
+
+
+def target_text(record: Record) -> str:
+    """The answer the model learns: the record's canonical TRASER JSON."""
+    return serialize_target(to_traser_json(record))
+
+
+def featurize(example: Example, cfg: Config, token_fn, with_target: bool = True) -> Features:
+    record = example.record
+    pixel_values, grid = video_features(record, example.frames, cfg)
+    inputs = tokens_lib.prepare(record, token_fn, cfg, cfg.data.prompt,
+                                target_text=target_text if with_target else None)
+    return Features(record.video.id, pixel_values.astype(np.float32), grid, inputs)
+
+
+def collate(videos: Sequence[Features], cfg: Config) -> dict[str, np.ndarray]:
+    """Pad a list of videos to one shape bucket and stack them (no offsets: the step vmaps per video)."""
+    grids = {(g[1], g[2]) for g in (v.grid_thw for v in videos)}
+    if len(grids) != 1:
+        raise ValueError(f"videos of one batch need one frame size, got patch grids {sorted(grids)}; "
+                         f"set tokens.frame_size to train on videos of different sizes")
+    gh, gw = grids.pop()
+    gt = tokens_lib.bucket_size(max(v.grid_thw[0] for v in videos), cfg.tokens.bucket_grid_t)
+    patches = gt * gh * gw
+    pixel_values = np.zeros((len(videos), patches, videos[0].pixel_values.shape[-1]), np.float32)
+    for i, v in enumerate(videos):
+        pixel_values[i, :len(v.pixel_values)] = v.pixel_values  # extra temporal grids: never selected
+    shape = np.max([tokens_lib.bucket_shape(v.inputs, cfg.tokens) for v in videos], axis=0)
+    padded = [tokens_lib.pad_to(v.inputs, *(int(s) for s in shape)).arrays() for v in videos]
+    batch = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
+    batch.update(pixel_values=pixel_values, grid_thw=np.tile(np.array([gt, gh, gw], np.int32), (len(videos), 1)))
+    return batch
+
+
+class Featurize:
+    """grain map: Example -> Features (picklable: the tokenizer is rebuilt in each worker)."""
+
+    def __init__(self, cfg: Config, tokenizer_path: str, with_target: bool = True):
+        self.cfg, self.tokenizer_path, self.with_target = cfg, tokenizer_path, with_target
+        self._token_fn = None
+
+    def __call__(self, example: Example) -> Features:
+        if self._token_fn is None:
+            self._token_fn = tokens_lib.as_token_fn(load_tokenizer(self.tokenizer_path))
+        return featurize(example, self.cfg, self._token_fn, self.with_target)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_token_fn": None}
+
+
+def run_tokenizer(cfg: Config) -> str:
+    """The run's tokenizer.json: cfg.data.tokenizer, or a small BPE trained on the training
+    targets and prompt texts, saved in the run directory. Writes its special-token ids
+    into cfg.tokens."""
+    path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.train.run_dir) / "tokenizer.json"
+    if not path.exists():
+        if cfg.data.tokenizer:
+            raise FileNotFoundError(f"data.tokenizer: no file {path}")
+        reader = ShardReader(cfg.data.train_dir)
+        texts = [target_text(reader[i].record) for i in range(len(reader))]
+        texts += [*tokens_lib.chat_texts(cfg.data.prompt), *(f"Object {k}: " for k in range(1, 41)),
+                  *(tokens_lib.window_label(w, cfg.tokens.window_seconds) for w in range(64))]
+        train_bpe(texts, cfg.data.tokenizer_vocab_size, path)
+    apply_special_ids(cfg, load_tokenizer(path))
+    return str(path)
+
+
+def apply_special_ids(cfg: Config, tokenizer) -> None:
+    """Point cfg.tokens at the tokenizer's special tokens; the model's vocab must cover it."""
+    config_lib.apply_overrides(cfg, tokenizer.token_config_overrides())
+    if tokenizer.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than text.vocab_size "
+                         f"{cfg.text.vocab_size}")
+
+
+def train_dataset(cfg: Config, tokenizer_path: str, *, process_index: int | None = None,
+                  process_count: int | None = None):
+    """The infinite (or num_epochs) iterator dataset of training batches for this host."""
+    import grain
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if cfg.data.global_batch_size % (process_count * cfg.data.grad_accum_steps):
+        raise ValueError(f"data.global_batch_size {cfg.data.global_batch_size} must divide by processes x "
+                         f"grad_accum_steps = {process_count} x {cfg.data.grad_accum_steps}")
+    per_host = cfg.data.global_batch_size // process_count
+    ds = grain.MapDataset.source(ShardReader(cfg.data.train_dir))
+    ds = ds[process_index::process_count].map(Featurize(cfg, tokenizer_path))
+    if cfg.data.cache_in_memory:  # featurize each video once (small datasets: the demo, sweeps)
+        ds = grain.MapDataset.source(list(_parallel(ds.to_iter_dataset(), cfg.data.worker_count)))
+    ds = ds.shuffle(seed=cfg.data.shuffle_seed).repeat(cfg.data.num_epochs or None)
+    ds = ds.batch(per_host, drop_remainder=True, batch_fn=functools.partial(collate, cfg=cfg))
+    return _parallel(ds.to_iter_dataset(), 0 if cfg.data.cache_in_memory else cfg.data.worker_count)
+
+
+def _parallel(ds, workers: int):
+    import grain
+
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)) if workers > 0 else ds

@@ -1,0 +1,182 @@
+"""Building blocks shared by the vision tower, the decoder and the resamplers.
+
+Numerics follow the Hugging Face modules they are converted from: RMSNorm in
+float32 then cast back, attention logits and softmax in float32, rotary
+embeddings computed in float32 with HF's rotate-half layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from traser_jax import sharding as sh
+
+Dtype = Any
+INIT_STD = 0.02  # HF initializer_range of Qwen2.5-VL and Idefics2
+
+
+def dtype_of(name: str) -> Dtype:
+    """'float32' / 'bfloat16' / 'float16' as a jnp dtype, with a clear error."""
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: expected float32, bfloat16 or float16") from None
+
+
+def normal_init(axes: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), tuple(axes))
+
+
+def zeros_init(axes: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting `axis` of x; kernel [*in, *features], bias [*features].
+
+    nn.DenseGeneral's parameter layout, with the kernel created at its full shape:
+    DenseGeneral's flat-then-reshape init re-runs at apply time (a shape check) and
+    its boxed reshape trips over the logical activation rules of the train step."""
+    features: tuple[int, ...]
+    axis: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    bias_axes: tuple[str | None, ...]
+    use_bias: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axis = tuple(a % x.ndim for a in self.axis)
+        kernel = self.param("kernel", normal_init(self.kernel_axes),
+                            (*(x.shape[a] for a in axis), *self.features), self.param_dtype)
+        bias = (self.param("bias", zeros_init(self.bias_axes), self.features, self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+        return y + bias if bias is not None else y
+
+
+def dense(features: int | Sequence[int], in_axes: Sequence[str | None], out_axes: Sequence[str | None], *,
+          axis: int | Sequence[int] = -1, use_bias: bool, dtype: Dtype, param_dtype: Dtype,
+          name: str) -> Dense:
+    """A dense layer whose kernel [*in, *out] and bias [*out] carry logical axis names."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return Dense(features=features, axis=axis, kernel_axes=(*in_axes, *out_axes), bias_axes=tuple(out_axes),
+                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale; the normalisation in float32, as HF's Qwen2/Idefics2 RMSNorm."""
+    eps: float = 1e-6
+    axis_name: str = sh.EMBED
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), as Qwen2MLP / Idefics2MLP (bias for the vision tower)."""
+    hidden: int
+    embed_axis: str
+    mlp_axis: str
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.hidden, [self.embed_axis], [self.mlp_axis], name="gate_proj", **kw)(x)
+        up = dense(self.hidden, [self.embed_axis], [self.mlp_axis], name="up_proj", **kw)(x)
+        return dense(x.shape[-1], [self.mlp_axis], [self.embed_axis], name="down_proj", **kw)(nn.silu(gate) * up)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [..., T, H, d] by cos/sin [..., T, d] (broadcast over heads), in float32."""
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def rope_inv_freq(dim: int, theta: float) -> np.ndarray:
+    """HF's inverse frequencies 1 / theta^(2i/dim), i < dim/2, in float32."""
+    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+              return_weights: bool = False, impl: str = "einsum") -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Grouped-query softmax attention.
+
+    q [..., Q, H, d], k and v [..., K, KV, d] with H a multiple of KV (query head h
+    reads KV head h // (H / KV), as HF's repeat_kv); mask broadcastable to
+    [..., Q, K], True = attend. Returns [..., Q, H, d] (and the weights
+    [..., H, Q, K] with return_weights). Logits and softmax run in float32; a masked
+    key gets exactly zero weight. impl "einsum" materialises the weights; "xla" and
+    "cudnn" call jax.nn.dot_product_attention (cudnn: fused on NVIDIA GPUs).
+    """
+    *batch, nq, heads, dim = q.shape
+    kv_heads = k.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(f"attention: {heads} query heads is not a multiple of {kv_heads} KV heads")
+    scale = dim ** -0.5
+    if impl in ("xla", "cudnn"):
+        if return_weights:
+            raise ValueError("attention weights need impl='einsum'")
+        flat = int(np.prod(batch)) if batch else 1
+        q4, k4, v4 = (t.reshape(flat, *t.shape[len(batch):]) for t in (q, k, v))
+        m4 = None if mask is None else jnp.broadcast_to(mask, (*batch, nq, k.shape[-3])).reshape(
+            flat, 1, nq, k.shape[-3])
+        out = jax.nn.dot_product_attention(q4, k4, v4, mask=m4, scale=scale, implementation=impl)
+        return out.reshape(q.shape)
+    if impl != "einsum":
+        raise ValueError(f"attention impl {impl!r}: expected einsum, xla or cudnn")
+    groups = heads // kv_heads
+    qg = q.reshape(*batch, nq, kv_heads, groups, dim)
+    logits = jnp.einsum("...qhgd,...khd->...hgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[..., None, None, :, :], logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("...hgqk,...khd->...qhgd", weights.astype(v.dtype), v).reshape(q.shape)
+    if return_weights:
+        return out, weights.reshape(*batch, heads, nq, k.shape[-3])
+    return out
+
+
+def remat_policy(name: str) -> Any:
+    """cfg.train.remat as a jax.checkpoint policy ('none' means no remat: returns None)."""
+    policies = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if name not in policies:
+        raise ValueError(f"train.remat {name!r}: expected one of {sorted(policies)}")
+    return policies[name]
+
+
+def scanned(block: type[nn.Module], length: int, remat: str, in_axes: tuple) -> type:
+    """`block` stacked `length` times with nn.scan (params on a leading 'layers' axis), optionally rematted."""
+    policy = remat_policy(remat)
+    if remat != "none":
+        block = nn.remat(block, prevent_cse=False, policy=policy)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                   length=length, metadata_params={nn.PARTITION_NAME: sh.LAYERS})
