@@ -1,7 +1,13 @@
-"""`make demo`: the main job on the embedded default.
+"""`make demo`: the main job on the embedded default, end to end on CPU.
 
-For now: generate toyworld shards and print their summary. (Training and
-evaluation join this once the model and train loop land.)
+1. generate toyworld shards (train and held-out eval videos) and print their summary;
+2. train the `demo` config (launch/train.sh's entry point);
+3. predict the held-out videos with constrained decoding;
+4. evaluate against their ground truth, next to the most-frequent-relation baseline;
+5. write runs/demo/metrics.json, loss.png and one prediction rendered next to its
+   ground truth (prediction.png).
+
+Every step resumes: rerunning skips generated shards and finished training steps.
 """
 from __future__ import annotations
 
@@ -11,16 +17,83 @@ import sys
 from pathlib import Path
 
 RUN = Path("runs/demo")
+DATA = RUN / "data"
+# Small scenes keep the answers short enough to learn on 2 CPU cores in minutes.
+KNOBS = ["min_objects=2", "max_objects=4", "max_duration=12", "max_side=280"]
+SPLITS = (("train", 128, 0), ("eval", 16, 1))
+
+
+def sh(*args: str) -> str:
+    return subprocess.run([sys.executable, *args], check=True, stdout=subprocess.PIPE, text=True).stdout
+
+
+def generate() -> None:
+    for split, n, seed in SPLITS:
+        knobs = [a for k in KNOBS for a in ("--knob", k)]
+        sh("-m", "data_gen.toyworld", "--num-videos", str(n), "--seed", str(seed), "--out", str(DATA / split),
+           *knobs)
+    summary = json.loads(sh("-m", "data_gen.inspect", str(DATA / "train")))
+    print(json.dumps(summary, indent=1))
+
+
+def plot_loss(metrics_jsonl: Path, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / answer token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("demo: training loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(pred_path: Path) -> dict:
+    from data_gen.record import from_traser_json
+    from data_gen.render import render_comparison
+    from data_gen.shards import ShardReader
+    from traser_jax.evaluate import evaluate as run_eval, load_predictions, most_frequent_relation_baseline
+
+    gt = [ex.record for ex in ShardReader(DATA / "eval")]
+    train = [ex.record for ex in ShardReader(DATA / "train")]
+    preds = load_predictions(pred_path)
+    metrics = run_eval(gt, preds, bootstrap=200)
+    baseline = run_eval(gt, most_frequent_relation_baseline(gt, train), bootstrap=0)
+    keys = ("object_accuracy", "attribute_recall", "relation_recall_tiou0.5", "relation_recall_tiou0.1",
+            "triplet_recall_tiou0.5", "triplet_recall_tiou0.1")
+    out = {k: metrics[k] for k in keys}
+    out.update({f"baseline_{k}": baseline[k] for k in keys if k.startswith(("relation", "triplet"))})
+    out.update(ci95=metrics.get("ci95"), per_category=metrics.get("per_category"), counts=metrics.get("counts"))
+
+    example = ShardReader(DATA / "eval")[0]
+    by_id = {p["video_id"]: p for p in (preds if isinstance(preds, list) else preds.values())}
+    pred_record = from_traser_json(by_id[example.video_id], example.record, strict=False)
+    render_comparison(example.record, pred_record, example.frames, RUN / "prediction.png",
+                      title=f"{example.video_id}: ground truth | prediction")
+    return out
 
 
 def main() -> None:
-    data = RUN / "data"
-    for split, n, seed in (("train", 64, 0), ("eval", 16, 1)):
-        subprocess.run([sys.executable, "-m", "data_gen.toyworld", "--num-videos", str(n), "--seed", str(seed),
-                        "--out", str(data / split)], check=True)
-    summary = subprocess.run([sys.executable, "-m", "data_gen.inspect", str(data / "train")], check=True,
-                             capture_output=True, text=True).stdout
-    print(json.dumps(json.loads(summary), indent=1))
+    generate()
+    sh("-m", "traser_jax.train", "demo", f"train.run_dir={RUN}", f"data.train_dir={DATA / 'train'}",
+       f"data.eval_dir={DATA / 'eval'}")
+    pred = RUN / "predictions.jsonl"
+    sh("-m", "traser_jax.infer", "--checkpoint", str(RUN), "--data", str(DATA / "eval"), "--out", str(pred))
+    plot_loss(RUN / "metrics.jsonl", RUN / "loss.png")
+    metrics = evaluate(pred)
+    (RUN / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print("\nheld-out toyworld videos (exact matcher), %:")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print(f"  {k:38s} {100 * v:6.1f}")
+    print(f"\nwrote {RUN / 'metrics.json'}, {RUN / 'loss.png'}, {RUN / 'prediction.png'}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ import argparse
 import json
 import sys
 
+import yaml
+
 from tqdm import tqdm
 
 from data_gen.shards import ShardError, ShardWriter, read_manifest
 from data_gen.toyworld.generate import generate_video
+from data_gen.toyworld.world import ToyworldConfig
 
 
 def write_shards(args: argparse.Namespace) -> None:
@@ -24,7 +27,7 @@ def write_shards(args: argparse.Namespace) -> None:
         for index in tqdm(range(args.num_videos), desc="toyworld", unit="video", file=sys.stderr):
             if f"toy-{args.seed}-{index:06d}" in done:
                 continue  # written by an earlier run
-            record, frames = generate_video(args.seed, index)
+            record, frames = generate_video(args.seed, index, **args.knobs)
             writer.write(record, frames)
 
 
@@ -38,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
     parser.add_argument("--max-side", type=int, default=448, help="stored frames are shrunk to this longer side")
     parser.add_argument("--split", default="train", help="split name in the shard file names")
+    parser.add_argument("--knob", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ToyworldConfig knob, e.g. --knob max_objects=4 --knob fps_choices=[1,2]")
     args = parser.parse_args(argv)
+    try:
+        args.knobs = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.knob)}
+        ToyworldConfig.from_knobs(**args.knobs)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--knob: {err}")
     if args.num_videos < 0:
         parser.error(f"--num-videos must be >= 0, got {args.num_videos}")
     if args.seed < 0:
