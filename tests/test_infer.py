@@ -1,0 +1,170 @@
+"""Inference end to end from random weights: toyworld shards -> `python -m traser_jax.infer` -> JSONL.
+
+Every prediction must parse and lay onto its video as a valid record (objects numbered
+as the model saw them, spans inside the video), one line per video; a training run
+directory and a converted checkpoint of the same weights must give the same output,
+and batching must not change greedy decoding. Also the benchmark's FLOP count against
+the real parameter tree.
+"""
+import json
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from data_gen.record import from_traser_json
+from data_gen.shards import ShardReader, ShardWriter
+from data_gen.toyworld import generate_video
+from traser_jax import bench, convert, infer, train
+from traser_jax import config as config_lib
+from traser_jax import data as data_lib
+from traser_jax import tokens as tokens_lib
+from traser_jax.model import abstract_params, init_params
+
+MAX_NEW = 160
+MAX_CHARS = 16  # short strings so random outputs reach the relationships
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Shards of 3 small toyworld videos (one with more objects than the 2-object cap), a BPE trained
+    on them, random weights saved as a training run directory and as a converted checkpoint."""
+    root = tmp_path_factory.mktemp("infer")
+    with ShardWriter(root / "data") as writer:
+        for index, objects in enumerate((3, 2, 2)):
+            record, frames = generate_video(5, index, min_objects=objects, max_objects=objects, min_duration=5,
+                                            max_duration=8, fps_choices=(1,), min_side=112, max_side=112)
+            writer.write(record, frames)
+    run_dir = root / "run"
+    run_dir.mkdir()
+    cfg = config_lib.load("tiny", [f"data.train_dir={root / 'data'}", f"train.run_dir={run_dir}",
+                                   "data.tokenizer_vocab_size=512", "train.compute_dtype=float32",
+                                   "tokens.max_objects=2", "train.async_checkpointing=false"])
+    data_lib.run_tokenizer(cfg)  # run_dir/tokenizer.json, as training leaves it
+    # Random weights with 10x HF's init spread: varied enough that the outputs go past the objects.
+    params = jax.tree.map(lambda x: 10 * x, init_params(cfg, jax.random.key(0)))
+    # The run directory as train.run leaves it: config.json and the orbax "state" item (with the optimizer).
+    state = train.Trainer(cfg).init_state(0, params)
+    mngr = train.checkpoint_manager(cfg)
+    mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    mngr.close()
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assets = root / "assets"
+    assets.mkdir()
+    shutil.copy(run_dir / "tokenizer.json", assets / "tokenizer.json")
+    convert.save_checkpoint(root / "converted", cfg, params, assets_from=assets)
+    return root, cfg
+
+
+@pytest.fixture(scope="module")
+def cli_predictions(setup):
+    root, _ = setup
+    out = root / "pred.jsonl"
+    rc = infer.main(["--checkpoint", str(root / "run"), "--data", str(root / "data"), "--out", str(out),
+                     "--batch-size", "2", "--max-new-tokens", str(MAX_NEW), "--max-chars", str(MAX_CHARS)])
+    assert rc == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_every_prediction_is_a_valid_scene_graph_of_its_video(setup, cli_predictions):
+    root, cfg = setup
+    reader = ShardReader(root / "data")
+    assert sorted(p["video_id"] for p in cli_predictions) == sorted(reader.ids())
+    by_id = {p["video_id"]: p for p in cli_predictions}
+    tok = tokens_lib.as_token_fn(data_lib.load_tokenizer(root / "run" / "tokenizer.json"))
+    capped = relations = 0
+    for example in reader:
+        features = data_lib.featurize(example, cfg, tok, with_target=False)
+        pred = {k: v for k, v in by_id[example.video_id].items() if k != "video_id"}
+        k = int(features.inputs.num_objects)
+        template = infer.kept_template(example.record, features)
+        assert [list(o)[0] for o in pred["objects"]] == [f"object {i + 1}" for i in range(k)]
+        recovered = from_traser_json(pred, template, strict=True).validate()
+        assert len(recovered.relations) == len(pred["relationships"])
+        capped += k < len(example.record.visible_objects())
+        relations += len(pred["relationships"])
+    assert capped >= 1  # the 2-object cap was exercised: numbering follows the kept objects
+    assert relations >= 1  # random outputs reached the relationships, not only the shortest close
+
+
+def test_converted_checkpoint_and_batch_size_one_give_the_same_output(setup, cli_predictions):
+    """Same weights through the other checkpoint kind, one video per batch: greedy decoding is
+    deterministic and padding (prompt length, temporal grids, batch rows) is masked out."""
+    root, _ = setup
+    cfg, params, tok = infer.load_for_inference(root / "converted")
+    predictor = infer.Predictor(cfg, params, tok, max_new_tokens=MAX_NEW, max_chars=MAX_CHARS)
+    single = list(infer.predict(predictor, ShardReader(root / "data"), batch_size=1))
+    assert {p["video_id"]: p for p in single} == {p["video_id"]: p for p in cli_predictions}
+
+
+def test_run_directory_restores_only_the_parameters(setup):
+    root, cfg = setup
+    mesh = train.make_mesh(cfg.mesh)
+    step, params = infer.restore_run_params(root / "run", cfg, mesh)
+    _, converted = convert.load_checkpoint(root / "converted")
+    assert step == 7
+    flat, ref = traverse_util.flatten_dict(params), traverse_util.flatten_dict(converted)
+    assert flat.keys() == ref.keys()
+    for path, value in flat.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(ref[path]), err_msg=str(path))
+    with pytest.raises(infer.InferenceError, match=r"--step 3: .* has steps \[7\]"):
+        infer.restore_run_params(root / "run", cfg, mesh, step=3)
+
+
+def test_a_budget_below_the_shortest_output_is_refused(setup, capsys):
+    root, _ = setup
+    rc = infer.main(["--checkpoint", str(root / "converted"), "--data", str(root / "data"),
+                     "--out", str(root / "short.jsonl"), "--max-new-tokens", "5"])
+    assert rc == 2
+    assert "max_new_tokens 5 is below" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path):
+    with pytest.raises(infer.InferenceError, match="neither a training run directory"):
+        infer.load_for_inference(tmp_path)
+
+
+def test_benchmark_counts_six_flops_per_decoder_matmul_weight_per_token():
+    """bench's MaxText-style decoder count = 6 x (decoder matmul weights, the tied output
+    projection included once) x tokens + causal attention, from the real parameter tree."""
+    cfg = config_lib.load("tiny")
+    flat = traverse_util.flatten_dict(abstract_params(cfg, boxed=False)["llm"])
+    matmul = sum(int(np.prod(v.shape)) for p, v in flat.items() if p[-1] in ("kernel", "embedding"))
+    seq, batch = 96, 3
+    flops = bench.decoder_flops(cfg, seq, batch)
+    t = cfg.text
+    head_dim = t.hidden_size // t.num_heads
+    # MaxText: 4 s^2 h d per layer non-causal, halved for the causal mask, x 3 for fwd + bwd
+    attention = 3 * 4 * t.num_layers * seq ** 2 * t.num_heads * head_dim * batch / 2
+    assert flops["weights"] == 6 * matmul * seq * batch
+    assert flops["attention"] == attention
+
+
+def test_benchmark_vision_attention_follows_the_window_and_frame_groups():
+    """tiny: 4 blocks, full attention (one temporal grid) in blocks 1 and 3, window attention in
+    blocks 0 and 2 over 56 px windows (2 x 2 merged cells = 16 patches), width 32."""
+    cfg = config_lib.load("tiny")
+    cost = 4 * cfg.vision.hidden_size  # QK^T and AV per (query, key) pair
+    # 8 x 8 patches: 4 whole windows of 16
+    assert bench.vision_flops(cfg, (1, 8, 8))["attention"] == cost * (2 * 64 ** 2 + 2 * 4 * 16 ** 2)
+    # 6 x 6 patches = 3 x 3 merged cells: windows of 2x2, 2x1, 1x2, 1x1 cells (16, 8, 8, 4 patches)
+    assert bench.vision_flops(cfg, (1, 6, 6))["attention"] == cost * (2 * 36 ** 2 + 2 * (16 ** 2 + 2 * 8 ** 2 + 4 ** 2))
+    # 2 temporal grids of 16 x 8 patches: full blocks attend within each grid (128 patches)
+    assert bench.vision_flops(cfg, (2, 16, 8))["attention"] == cost * (2 * 2 * 128 ** 2 + 2 * 16 * 16 ** 2)
+
+
+def test_benchmark_batch_has_exactly_the_requested_sizes():
+    cfg = config_lib.load("tiny")
+    batch, sizes = bench.synthetic_batch(cfg, seq=400, frames=6, res=112, objects=2, object_cells=3, batch=2)
+    assert batch["input_ids"].shape == (2, 400) and batch["attention_mask"].all()  # no padding
+    assert sizes["selected"] == 2 * 3 * 3 and batch["sel_token"].shape == (2, 18)  # objects x grids x cells
+    assert sizes["windows"] == 2 * 2  # 3 temporal grids of 2 s in 4 s windows, per object
+    assert batch["object_ids"].shape == (2, 2) and batch["window_object"].shape == (2, 4)
+    answer = (batch["labels"] != tokens_lib.IGNORE_INDEX).sum(1)
+    assert (answer == sizes["answer_tokens"]).all() and 0 < sizes["answer_tokens"] < 400
+    with pytest.raises(ValueError, match="--seq 50 is too short"):
+        bench.synthetic_batch(config_lib.load("tiny"), seq=50, frames=6, res=112, objects=2, object_cells=3, batch=1)

@@ -1,0 +1,393 @@
+"""Train-step benchmark: step time, tokens/s and MFU of one TRASER config on synthetic inputs.
+
+    python -m traser_jax.bench [--config demo] [--seq 2048] [--frames 16] [--res 224] [--objects 4]
+        [--batch 1] [--steps 5] [--warmup 1] [--baseline] [--out FILE.json] [key=value ...]
+
+The batch is what the input pipeline would give (`tokens.arrange` + `data.collate`)
+for `--batch` synthetic videos: `--frames` frames of `--res` x `--res` pixels (random
+pixels), `--objects` objects each covering `--object-cells` merged-token cells of every
+temporal grid (1 s per frame, so `tokens.window_seconds` sets the windows), the
+prompt and object blocks, then random answer tokens up to exactly `--seq` language-model
+tokens (all carrying loss). Shape buckets are set to these exact sizes, so nothing is
+padding. The step is `train.Trainer.step` (one jitted, sharded step over the config's
+mesh, state donated), timed after `--warmup` steps; the median over `--steps` is
+reported. The frozen vision tower's forward alone is timed too (frames/s).
+
+Model FLOPs per step (what the model needs, not what the implementation spends):
+- decoder, as MaxText's `calculate_tflops_training_per_device`
+  (AI-Hypercomputer/maxtext, src/MaxText/maxtext_utils.py): 3 x (fwd + 2 bwd) the matmul
+  FLOPs of q/k/v/o projections, the gated MLP and the output projection over all tokens
+  (= 6 x matmul weights x tokens), plus causal attention 3 x 4 x seq^2 x heads x head_dim / 2
+  per layer (MaxText halves the non-causal count for the causal mask);
+- both resamplers (trained: x 3): q/o/MLP over the latents, k/v over the selected tokens
+  and the latents, and cross-attention of each segment's latents to its own tokens and
+  latents: 4 x heads x head_dim x latents x (selected tokens + segments x latents);
+- the vision tower, forward only when frozen (optim.lr_vision = 0; else x 3): 2 x matmul
+  weights x patches + window/full attention 4 x width x sum(group length^2) over its
+  exact window and frame groups; its merger x 3 when trained.
+MFU = model FLOPs / step time / (peak FLOP/s per device x devices). Peak: bf16 dense
+by device kind (PEAK_FLOPS); on CPU, measured with a float32 matmul (`cpu_peak_flops`).
+
+`--baseline` first runs ../shared/bench/hf_torch_baseline.py (Hugging Face PyTorch
+Qwen2.5-VL-3B language model train step and vision tower forward, CUDA only) with the
+same sequence length, frames and resolution, before JAX claims the GPU, and reports
+the tokens/s ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from traser_jax import config as config_lib
+from traser_jax import tokens as tokens_lib
+from traser_jax.config import Config
+from traser_jax.modules.vision import vision_layout
+
+# bf16 dense peak FLOP/s per device; the first matching substring of jax's device_kind wins.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),   # SXM / HBM3
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+)
+BASELINE_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "hf_torch_baseline.py"
+TEXT_ID_OFFSET = 10  # synthetic text ids start past the small tokenizers' special ids
+
+
+# -- model FLOPs ------------------------------------------------------------------------------
+
+def decoder_flops(cfg: Config, seq: int, batch: int) -> dict[str, int]:
+    """Training FLOPs of the decoder (MaxText's count): {'weights', 'attention'}."""
+    t = cfg.text
+    hd = t.hidden_size // t.num_heads
+    e, heads, kv = t.hidden_size, t.num_heads, t.num_kv_heads
+    per_layer = 2 * e * (heads + 2 * kv) * hd + 2 * e * heads * hd + 2 * e * t.intermediate_size * 3
+    output = 2 * e * t.vocab_size  # the logits projection (tied or not: one matmul)
+    weights = 3 * batch * seq * (t.num_layers * per_layer + output)
+    attention = 3 * batch * t.num_layers * 2 * seq ** 2 * heads * hd  # 4 s^2 h d, halved for the causal mask
+    return {"weights": weights, "attention": attention}
+
+
+def resampler_flops(cfg: Config, selected: int, segments: int) -> dict[str, int]:
+    """Forward FLOPs of one resampler over one video: `selected` context tokens in `segments` segments."""
+    r = cfg.resampler
+    n, d, heads, kv, hd = r.num_latents, r.hidden_size, r.num_heads, r.num_kv_heads, r.head_dim
+    latents = segments * n
+    per_layer = (2 * latents * d * heads * hd  # q
+                 + 2 * 2 * (selected + latents) * d * kv * hd  # k, v of the tokens and the latents
+                 + 2 * latents * heads * hd * d  # o
+                 + 2 * latents * d * r.intermediate_size * 3)  # gated MLP
+    attention = 4 * heads * hd * n * (selected + latents)  # each segment: n latents x (its tokens + n)
+    return {"weights": r.depth * per_layer, "attention": r.depth * attention}
+
+
+def vision_flops(cfg: Config, grid: tuple[int, int, int]) -> dict[str, int]:
+    """Forward FLOPs of the vision tower over one video's patch grid: {'weights', 'attention', 'merger'}."""
+    v = cfg.vision
+    t, h, w = grid
+    patches = t * h * w
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    d = v.hidden_size
+    per_layer = 2 * patches * d * 3 * d + 2 * patches * d * d + 2 * patches * d * v.intermediate_size * 3
+    layout = vision_layout((grid,), v.spatial_merge_size, v.window_size, v.patch_size)
+    window = int(((layout.window_groups >= 0).sum(1).astype(np.int64) ** 2).sum())
+    frame = int(((layout.frame_groups >= 0).sum(1).astype(np.int64) ** 2).sum())
+    full = sum(1 for i in range(v.depth) if i in v.fullatt_block_indexes)
+    attention = 4 * d * (full * frame + (v.depth - full) * window)
+    merged, width = patches // v.spatial_merge_size ** 2, d * v.spatial_merge_size ** 2
+    merger = 2 * merged * width * width + 2 * merged * width * v.out_hidden_size
+    return {"weights": 2 * patches * patch_dim * d + v.depth * per_layer, "attention": attention, "merger": merger}
+
+
+def model_flops(cfg: Config, *, seq: int, batch: int, grid: tuple[int, int, int], selected: int, objects: int,
+                windows: int) -> dict[str, int]:
+    """Model FLOPs of one train step of `batch` videos alike, by part, and their 'total'."""
+    train_x = lambda lr: 3 if lr > 0 else 1  # noqa: E731 - fwd only when frozen
+    dec = decoder_flops(cfg, seq, batch)
+    otr, twr = resampler_flops(cfg, selected, objects), resampler_flops(cfg, selected, windows)
+    vis = vision_flops(cfg, grid)
+    r_x, v_x, m_x = train_x(cfg.optim.lr_resampler), train_x(cfg.optim.lr_vision), train_x(cfg.optim.lr_merger)
+    out = {
+        "decoder_weights": dec["weights"], "decoder_attention": dec["attention"],
+        "resampler_weights": batch * r_x * (otr["weights"] + twr["weights"]),
+        "resampler_attention": batch * r_x * (otr["attention"] + twr["attention"]),
+        "vision_weights": batch * v_x * vis["weights"], "vision_attention": batch * v_x * vis["attention"],
+        "vision_merger": batch * m_x * vis["merger"],
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# -- peak FLOP/s ------------------------------------------------------------------------------
+
+def cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """The best float32 matmul rate jax reaches on this host (a measured ceiling, not a datasheet)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: jax.Device) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    kind = device.device_kind
+    for key, value in PEAK_FLOPS:
+        if key.lower() in kind.lower():
+            return value, f"bf16 dense datasheet ({key})"
+    if device.platform == "cpu":
+        return cpu_peak_flops(), "measured float32 matmul 2048^3"
+    return None, f"n/a: no peak known for {kind!r}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# -- synthetic batch ---------------------------------------------------------------------------
+
+def synthetic_batch(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int,
+                    batch: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A collated batch of `batch` synthetic videos (see the module docstring) and its sizes.
+
+    Sets cfg.tokens' buckets to the exact sizes, so the batch carries no padding."""
+    from traser_jax.data import Features, collate
+
+    v = cfg.vision
+    cell = v.patch_size * v.spatial_merge_size
+    if res % cell or res <= 0:
+        raise ValueError(f"--res {res} must be a positive multiple of {cell} (patch x merge)")
+    if frames < 1 or objects < 1 or batch < 1 or seq < 1:
+        raise ValueError(f"--frames {frames}, --objects {objects}, --batch {batch}, --seq {seq} must be >= 1")
+    grid_t = -(-frames // v.temporal_patch_size)
+    grid = tokens_lib.TokenGrid(frames, grid_t, res // cell, res // cell, v.temporal_patch_size)
+    if not 1 <= object_cells <= grid.cells_per_grid:
+        raise ValueError(f"--object-cells {object_cells} must be in [1, {grid.cells_per_grid}] (cells of a "
+                         f"{res}px frame)")
+    vocab = cfg.text.vocab_size
+    token_fn = lambda text: [TEXT_ID_OFFSET + b % (vocab - TEXT_ID_OFFSET) for b in text.encode()]  # noqa: E731
+    prefix, suffix = (token_fn(t) for t in tokens_lib.chat_texts(cfg.data.prompt))
+    rng = np.random.default_rng(seed)
+    patch_grid = (grid_t, res // v.patch_size, res // v.patch_size)
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    videos = []
+    for i in range(batch):
+        chosen = [np.sort(np.concatenate([g * grid.cells_per_grid + rng.choice(grid.cells_per_grid, object_cells,
+                                                                                replace=False)
+                                          for g in range(grid_t)])) for _ in range(objects)]
+        selection = tokens_lib.Selection(grid, 1.0, list(range(objects)), chosen)
+        prompt = tokens_lib.arrange(selection, token_fn, cfg.tokens, cfg.resampler.num_latents, prefix, suffix)
+        if int(prompt.num_objects) < objects:
+            raise ValueError(f"tokens.max_tokens / max_objects keep {int(prompt.num_objects)} of --objects {objects}")
+        answer = seq - int(prompt.length)
+        if answer < 1:
+            raise ValueError(f"--seq {seq} is too short: the prompt and {objects} object blocks take "
+                             f"{int(prompt.length)} tokens; raise --seq or lower --objects / --frames")
+        target = rng.integers(TEXT_ID_OFFSET, vocab, answer).tolist()
+        inputs = tokens_lib.arrange(selection, token_fn, cfg.tokens, cfg.resampler.num_latents, prefix, suffix,
+                                    target)
+        pixels = rng.standard_normal((int(np.prod(patch_grid)), patch_dim), np.float32)
+        videos.append(Features(f"synthetic-{i}", pixels, patch_grid, inputs))
+    sizes = {"seq": seq, "selected": int(videos[0].inputs.num_selected), "objects": objects,
+             "windows": int(videos[0].inputs.num_windows), "grid": patch_grid,
+             "answer_tokens": int((videos[0].inputs.labels != tokens_lib.IGNORE_INDEX).sum())}
+    config_lib.apply_overrides(cfg, {"tokens.bucket_length": [seq], "tokens.bucket_selected": [sizes["selected"]],
+                                     "tokens.bucket_objects": [objects], "tokens.bucket_windows": [sizes["windows"]],
+                                     "tokens.bucket_grid_t": [grid_t]})
+    return collate(videos, cfg), sizes
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def time_train_step(trainer, state, batch, warmup: int, steps: int) -> tuple[list[float], Any, dict]:
+    """Seconds of each timed `Trainer.step` (after `warmup` untimed ones), the final state, last metrics."""
+    metrics = None
+    for _ in range(max(warmup, 1)):  # the first call compiles
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times, state, jax.device_get(metrics)
+
+
+def time_vision_forward(cfg: Config, params: dict, pixel_values: np.ndarray, grid, steps: int) -> float:
+    """Median seconds of the vision tower's forward (merger included) over one video."""
+    from traser_jax.model import Traser
+
+    model = Traser(cfg)
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, (grid,), method=Traser.encode_video))
+    x = jnp.asarray(pixel_values)
+    jax.block_until_ready(encode(params, x))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(encode(params, x))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
+                 peak_tflops: float | None) -> list[dict[str, Any]]:
+    """The PyTorch baseline's JSON lines (run it before JAX takes the GPU)."""
+    if not script.is_file():
+        raise FileNotFoundError(f"--baseline: no script at {script} (pass --baseline-script)")
+    cmd = [sys.executable, str(script), "--seq", str(seq), "--frames", str(frames), "--res", str(res),
+           "--steps", str(steps)] + (["--remat"] if remat else [])
+    if peak_tflops:
+        cmd += ["--peak-tflops", str(peak_tflops)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline failed (exit {proc.returncode}; it needs a CUDA GPU): "
+                           f"{proc.stderr.strip()[-2000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int, batch: int,
+          steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+    """Measure and return the report (one JSON object)."""
+    from traser_jax import optim
+    from traser_jax.train import Trainer
+
+    batch_np, sizes = synthetic_batch(cfg, seq=seq, frames=frames, res=res, objects=objects,
+                                      object_cells=object_cells, batch=batch, seed=seed)
+    trainer = Trainer(cfg)
+    state = trainer.init_state(seed)
+    times, state, metrics = time_train_step(trainer, state, batch_np, warmup, steps)
+    step_s = statistics.median(times)
+    grid = tuple(int(x) for x in sizes["grid"])
+    flops = model_flops(cfg, seq=seq, batch=batch, grid=grid, selected=sizes["selected"], objects=objects,
+                        windows=sizes["windows"])
+    devices = jax.devices()
+    peak, peak_source = peak_flops(devices[0])
+    params = optim.merge(state["params"], state["frozen"])
+    vision_s = time_vision_forward(cfg, params, batch_np["pixel_values"][0], grid, max(steps, 1))
+    report = {
+        "config": cfg.name, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+        "device": cpu_name() if devices[0].platform == "cpu" else devices[0].device_kind,
+        "num_devices": len(devices), "compute_dtype": cfg.train.compute_dtype, "param_dtype": cfg.train.param_dtype,
+        "remat": cfg.train.remat, "batch": batch, "seq": seq, "frames": frames, "res": res, "objects": objects,
+        "selected_tokens": sizes["selected"], "windows": sizes["windows"], "answer_tokens": sizes["answer_tokens"],
+        "steps": steps, "step_s": round(step_s, 5), "step_s_all": [round(t, 5) for t in times],
+        "tokens_per_s": round(batch * seq / step_s, 1),
+        "loss": float(metrics["loss"]),
+        "model_flops_per_step": _sig(flops["total"]),
+        "model_flops_by_part": {k: _sig(v) for k, v in flops.items() if k != "total"},
+        "achieved_tflops": _sig(flops["total"] / step_s / 1e12),
+        "peak_tflops_per_device": None if peak is None else _sig(peak / 1e12), "peak_source": peak_source,
+        "mfu": None if peak is None else round(flops["total"] / step_s / (peak * len(devices)), 4),
+        "vision_forward_s": round(vision_s, 5), "vision_frames_per_s": round(frames / vision_s, 2),
+    }
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        report["peak_mem_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 2)
+    return report
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def human_line(r: dict[str, Any]) -> str:
+    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    peak = "n/a" if r["peak_tflops_per_device"] is None else f"{r['peak_tflops_per_device']:g} TFLOP/s"
+    line = (f"{r['config']} on {r['num_devices']}x {r['device']}: step {r['step_s']:.3f} s, "
+            f"{r['tokens_per_s']:,.0f} tokens/s (batch {r['batch']} x seq {r['seq']}), "
+            f"{r['achieved_tflops']:.3g} TFLOP/s = MFU {mfu} of {peak} ({r['peak_source']}); "
+            f"vision tower {r['vision_frames_per_s']:.1f} frames/s")
+    if "tokens_per_s_vs_baseline" in r:
+        line += f"; {r['tokens_per_s_vs_baseline']:.2f}x the PyTorch baseline's tokens/s"
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m traser_jax.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="demo", help="a preset name in configs/ or a YAML path")
+    parser.add_argument("--seq", type=int, default=2048, help="language-model tokens per video")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--res", type=int, default=224, help="frame side in pixels (a multiple of 28)")
+    parser.add_argument("--objects", type=int, default=4)
+    parser.add_argument("--object-cells", type=int, default=None,
+                        help="merged-token cells per object and temporal grid (default: 1/8 of a frame)")
+    parser.add_argument("--batch", type=int, default=1, help="videos per step")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run the PyTorch baseline (GPU) with the same seq / frames / res")
+    parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+    except config_lib.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cell = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+    cells = args.object_cells or max(1, (args.res // cell) ** 2 // 8)
+    baseline = None
+    if args.baseline:  # before anything initializes JAX's backend, which claims most of the GPU memory
+        try:
+            baseline = run_baseline(Path(args.baseline_script), seq=args.seq, frames=args.frames, res=args.res,
+                                    steps=args.steps, remat=cfg.train.remat != "none", peak_tflops=None)
+        except (FileNotFoundError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    try:
+        report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
+                       object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup, seed=args.seed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if baseline is not None:
+        report["baseline"] = baseline
+        lm = next((b for b in baseline if b.get("what") == "hf_qwen25vl3b_lm_train_step"), None)
+        if lm:
+            report["tokens_per_s_vs_baseline"] = round(report["tokens_per_s"] / lm["tokens_per_s"], 3)
+        vis = next((b for b in baseline if b.get("what") == "hf_qwen25vl_vision_forward"), None)
+        if vis:
+            report["vision_frames_per_s_vs_baseline"] = round(report["vision_frames_per_s"] / vis["frames_per_s"], 3)
+    print(json.dumps(report))
+    print(human_line(report), file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
