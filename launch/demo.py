@@ -19,7 +19,7 @@ from pathlib import Path
 RUN = Path("runs/demo")
 DATA = RUN / "data"
 # Small scenes keep the answers short enough to learn on 2 CPU cores in minutes.
-KNOBS = ["min_objects=2", "max_objects=4", "max_duration=12", "max_side=280"]
+KNOBS = ["min_objects=2", "max_objects=4", "max_duration=8", "max_side=280"]
 SPLITS = (("train", 128, 0), ("eval", 16, 1))
 
 
