@@ -9,6 +9,7 @@ optimizer state.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -44,8 +45,15 @@ def merge(trainable: dict, frozen: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def warmup_steps(cfg: OptimConfig) -> int:
+    """ceil(warmup_ratio x num_steps), as the Hugging Face Trainer the recipe was trained with."""
+    return math.ceil(cfg.warmup_ratio * cfg.num_steps)
+
+
 def schedule(peak_lr: float, cfg: OptimConfig) -> optax.Schedule:
-    warmup = max(1, int(round(cfg.warmup_ratio * cfg.num_steps)))
+    """The learning rate of update `count` (0-based): linear from 0 over the warmup steps, then a
+    cosine from peak_lr down to 0 at num_steps (transformers' get_cosine_schedule_with_warmup)."""
+    warmup = warmup_steps(cfg)
     return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(cfg.num_steps, warmup + 1), end_value=0.0)
 
 
@@ -62,7 +70,9 @@ def make_optimizer(cfg: OptimConfig, trainable: dict) -> optax.GradientTransform
     present = set(traverse_util.flatten_dict(labels).values())
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.multi_transform({g: adamw(lrs[g]) for g in present}, labels),
+        # In GROUPS order, not the set's: the traced program (and its compilation-cache key) must not
+        # depend on string hashing.
+        optax.multi_transform({g: adamw(lrs[g]) for g in GROUPS if g in present}, labels),
     )
 
 
@@ -77,6 +87,8 @@ def _decay_mask(tree: Any) -> Any:
 
 
 def learning_rates(cfg: OptimConfig, step: int) -> dict[str, float]:
-    """Each group's learning rate at a step (for logging)."""
-    return {g: float(schedule(lr, cfg)(step)) for g, lr in
-            (("llm", cfg.lr_llm), ("resampler", cfg.lr_resampler), ("merger", cfg.lr_merger))}
+    """Each trained group's learning rate at update `step` (0-based; for logging)."""
+    lrs = {"llm": cfg.lr_llm, "resampler": cfg.lr_resampler, "merger": cfg.lr_merger}
+    if cfg.lr_vision:
+        lrs["vision"] = cfg.lr_vision
+    return {g: float(schedule(lr, cfg)(step)) for g, lr in lrs.items()}

@@ -62,7 +62,7 @@ DEFAULT_RULES: list[tuple[str, Any]] = [
     (VISION_EMBED, "fsdp"),
     (VISION_MLP, None),
     (VISION_HEADS, "tensor"),
-    (VISION_MERGE_IN, None),
+    (VISION_MERGE_IN, "fsdp"),  # the merger's fc1 (4 x 1280)^2: FSDP alone must split it too
     (VISION_MERGE, "tensor"),
     (QKV, None),
     # activations: the batch over data x fsdp, heads and MLP over tensor

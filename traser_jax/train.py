@@ -7,6 +7,12 @@ names mapped to mesh axes by `cfg.mesh.rules`. The vision tower is frozen when
 fp32 master weights and optimizer state; gradient accumulation scans over
 micro-batches inside the step. orbax saves state and the grain iterator
 together, asynchronously, so a killed job resumes on the very next batch.
+A NaN or inf loss (or gradient norm) stops the run naming the step; that
+step's state is not saved. Each step logs to metrics.jsonl (with a
+fingerprint of its batch) and TensorBoard, and shows on a progress bar.
+
+Restarts skip compilation with jax's persistent cache: set
+JAX_COMPILATION_CACHE_DIR (e.g. to a directory next to the runs).
 """
 from __future__ import annotations
 
@@ -16,8 +22,9 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -30,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from traser_jax import config as config_lib
 from traser_jax import optim, sharding
 from traser_jax.config import Config
+from traser_jax.data import DEVICE_KEYS
 from traser_jax.model import Traser, abstract_params, init_params
 from traser_jax.tokens import IGNORE_INDEX
 
@@ -114,31 +122,52 @@ def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arr
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(model: Traser, tx: optax.GradientTransformation, accum: int):
-    """state, batch -> (state, metrics); batch arrays lead with the per-step batch, split into `accum`."""
+def micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [accum, B / accum, ...] with micro-batch m = rows m, m + accum, m + 2 accum, ...
 
-    def step(state, batch, statics):
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+    Strided, not contiguous: the batch is laid out in contiguous blocks over the (data, fsdp)
+    devices, so every device holds its share of every micro-batch and none idles."""
+    def split(x):
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
 
+
+def make_grad_fn(model: Traser, accum: int):
+    """(trainable, frozen, batch, statics) -> (mean loss over answer tokens, its gradient, token count).
+
+    The sums over `accum` micro-batches (a scan) are divided by the batch's answer-token count, so the
+    result does not depend on `accum`."""
+
+    def grad_fn(trainable, frozen, batch, statics):
         def micro_loss(trainable, mb):
-            params = optim.merge(trainable, state["frozen"])
-            return token_loss(forward(model, params, mb, statics), mb["labels"])
+            return token_loss(forward(model, optim.merge(trainable, frozen), mb, statics), mb["labels"])
 
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(carry, mb):
             grads, loss_sum, count = carry
-            (loss, n), g = grad_fn(state["params"], mb)
+            (loss, n), g = value_and_grad(trainable, mb)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0), micro)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, loss_sum, count), _ = jax.lax.scan(body, init, micro_batches(batch, accum))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
+
+    return grad_fn
+
+
+def make_train_step(model: Traser, tx: optax.GradientTransformation, accum: int):
+    """state, batch -> (state, metrics); batch arrays lead with the per-step batch, split into `accum`."""
+    grad_fn = make_grad_fn(model, accum)
+
+    def step(state, batch, statics):
+        loss, grads, count = grad_fn(state["params"], state["frozen"], batch, statics)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": count}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
 
     return step
 
@@ -159,10 +188,16 @@ class Trainer:
                                        "frozen": frozen, "opt_state": jax.eval_shape(self.tx.init, trainable)})
         self.state_shardings = nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
         self.replicated = NamedSharding(self.mesh, P())
-        self._step = jax.jit(make_train_step(self.model, self.tx, cfg.data.grad_accum_steps),
+        accum = cfg.data.grad_accum_steps
+        self._step = jax.jit(make_train_step(self.model, self.tx, accum),
                              in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings,
                                                                                        self.replicated),
                              static_argnums=2, donate_argnums=0)
+        grad_fn = make_grad_fn(self.model, accum)
+        self._loss_and_grads = jax.jit(
+            lambda state, batch, statics: grad_fn(state["params"], state["frozen"], batch, statics)[:2],
+            in_shardings=(self.state_shardings, None),
+            out_shardings=(self.replicated, self.state_shardings["params"]), static_argnums=2)
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         return NamedSharding(self.mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
@@ -188,14 +223,21 @@ class Trainer:
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local numpy batch -> global arrays sharded over (data, fsdp)."""
-        arrays = {k: v for k, v in batch.items() if k != "grid_thw"}
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(v)), np.asarray(v))
-                for k, v in arrays.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(batch[k])),
+                                                          np.asarray(batch[k])) for k in DEVICE_KEYS}
 
     def step(self, state: dict, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """One optimizer step; `state` is donated (use the returned one)."""
         statics = statics_of(batch)
         with self.context():
             return self._step(state, self.put_batch(batch), statics)
+
+    def loss_and_grads(self, state: dict, batch: dict[str, np.ndarray]) -> tuple[jax.Array, dict]:
+        """(loss, gradients of the trainable parameters) as `step` computes them, laid out as the
+        parameters; nothing is updated or donated (for checks)."""
+        statics = statics_of(batch)
+        with self.context():
+            return self._loss_and_grads(state, self.put_batch(batch), statics)
 
 
 class _Context:
@@ -217,15 +259,26 @@ class _Context:
 
 # -- the loop -------------------------------------------------------------------------
 
-def checkpoint_manager(cfg: Config) -> ocp.CheckpointManager:
+def checkpoint_manager(cfg: Config, *, cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+    """The run's checkpoints: items "state" (step, params, frozen, opt_state) and "data" (grain iterator).
+
+    cleanup_tmp: delete saves a killed job left unfinished (only the training job itself should)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints,
-                                           enable_async_checkpointing=cfg.train.async_checkpointing)
+                                           enable_async_checkpointing=cfg.train.async_checkpointing,
+                                           cleanup_tmp_directories=cleanup_tmp)
     return ocp.CheckpointManager(Path(cfg.train.run_dir).resolve() / "checkpoints", options=options,
                                  item_names=("state", "data"))
 
 
+def batch_crc(batch: dict[str, np.ndarray]) -> int:
+    """A fingerprint of a batch's tokens, logged per step: which data a step saw (resume checks)."""
+    return zlib.crc32(np.ascontiguousarray(batch["input_ids"]).tobytes())
+
+
 def run(cfg: Config, *, progress: bool = True) -> list[dict[str, float]]:
-    """Train for cfg.optim.num_steps (resuming from the run's last checkpoint); returns per-step metrics."""
+    """Train for cfg.optim.num_steps (resuming from the run's last checkpoint); returns this call's
+    per-step metrics. Raises NonFiniteLoss (after the pending checkpoint is written) when a step's
+    loss or gradient norm is NaN or inf; that step's state is not saved."""
     import grain
 
     from traser_jax import data as data_lib
@@ -234,9 +287,8 @@ def run(cfg: Config, *, progress: bool = True) -> list[dict[str, float]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg)
     tokenizer = data_lib.run_tokenizer(cfg)
-    dataset = data_lib.train_dataset(cfg, tokenizer)
-    iterator = iter(dataset)
-    mngr = checkpoint_manager(cfg)
+    iterator = iter(data_lib.train_dataset(cfg, tokenizer))
+    mngr = checkpoint_manager(cfg, cleanup_tmp=True)
     if mngr.latest_step() is not None:
         restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(trainer.abstract_state()),
@@ -244,39 +296,45 @@ def run(cfg: Config, *, progress: bool = True) -> list[dict[str, float]]:
         state = restored["state"]
         print(f"resumed from step {int(state['step'])} ({mngr.directory})", file=sys.stderr)
     else:
-        init = load_init_params(cfg)
-        state = trainer.init_state(cfg.train.seed, init)
+        state = trainer.init_state(cfg.train.seed, load_init_params(cfg))
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     start = int(state["step"])
-    log = MetricsLog(run_dir, enabled=jax.process_index() == 0)
-    history = []
+    log = MetricsLog(run_dir, start, enabled=jax.process_index() == 0)
     bar = _progress(start, cfg.optim.num_steps, progress and jax.process_index() == 0)
-    last = time.perf_counter()
-    for step in range(start, cfg.optim.num_steps):
-        batch = next(iterator)
-        state, metrics = trainer.step(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["loss"]):
-            mngr.wait_until_finished()
-            raise NonFiniteLoss(f"loss is {metrics['loss']} at step {step + 1}; stopping. The last good "
-                                f"checkpoint (step {mngr.latest_step()}) is kept in {mngr.directory}")
-        now = time.perf_counter()
-        metrics.update(step=step + 1, step_time=now - last, tokens_per_s=metrics["tokens"] / (now - last),
-                       **{f"lr_{k}": v for k, v in optim.learning_rates(cfg.optim, step).items()})
-        last = now
-        history.append(metrics)
-        log.write(metrics)
+    history = []
+    try:
+        last = time.perf_counter()
+        for step in range(start, cfg.optim.num_steps):
+            batch = next(iterator)
+            state, metrics = trainer.step(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                mngr.wait_until_finished()
+                kept = mngr.latest_step()
+                raise NonFiniteLoss(
+                    f"non-finite loss {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step + 1}; "
+                    f"stopping. " + (f"The last good checkpoint, step {kept}, is kept in {mngr.directory}"
+                                     if kept is not None else "No checkpoint was saved before it."))
+            now = time.perf_counter()
+            metrics.update(step=step + 1, step_time=now - last, tokens_per_s=metrics["tokens"] / (now - last),
+                           batch_crc=batch_crc(batch),
+                           **{f"lr_{k}": v for k, v in optim.learning_rates(cfg.optim, step).items()})
+            last = now
+            history.append(metrics)
+            log.write(metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{metrics['step_time']:.2f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.optim.num_steps:
+                mngr.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=grain.checkpoint.CheckpointSave(iterator)))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", step_s=f"{metrics['step_time']:.2f}",
-                            tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.optim.num_steps:
-            mngr.save(step + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=grain.checkpoint.CheckpointSave(iterator)))
-    mngr.wait_until_finished()
-    if bar is not None:
-        bar.close()
-    log.close()
+            bar.close()
+        log.close()
     return history
 
 
@@ -289,13 +347,21 @@ def load_init_params(cfg: Config) -> dict | None:
 
 
 class MetricsLog:
-    """metrics.jsonl (one line per step) and TensorBoard event files in the run directory."""
+    """metrics.jsonl (one line per step) and TensorBoard event files in the run directory.
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    Resuming at `start` drops the lines of later steps that a killed job logged after its last
+    checkpoint, so the file reads as one run whose steps the resumed job then logs again."""
+
+    NOT_PLOTTED = ("step", "batch_crc")
+
+    def __init__(self, run_dir: Path, start: int = 0, enabled: bool = True):
         self.enabled = enabled
         if enabled:
             from tensorboardX import SummaryWriter
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            path = run_dir / "metrics.jsonl"
+            lines = path.read_text().splitlines() if path.exists() else []
+            path.write_text("".join(line + "\n" for line in lines if _logged_step(line) <= start))
+            self.jsonl = open(path, "a")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, metrics: dict[str, float]) -> None:
@@ -304,13 +370,21 @@ class MetricsLog:
         self.jsonl.write(json.dumps(metrics) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
-            if k != "step":
+            if k not in self.NOT_PLOTTED:
                 self.tb.add_scalar(f"train/{k}", v, int(metrics["step"]))
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line a killed job left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _progress(start: int, total: int, enabled: bool):

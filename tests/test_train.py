@@ -1,0 +1,137 @@
+"""The optimizer recipe (per-group learning rates on the published schedule, weight-decay mask, the
+frozen vision tower split off), the micro-batch layout, and the launcher's handling of a bad key.
+
+Whole training runs (metrics, TensorBoard, checkpoints, resume, NaN stop) are in test_train_resume.py,
+the sharded step in test_train_sharding.py."""
+import math
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from traser_jax import config as config_lib
+from traser_jax import optim
+from traser_jax.config import OptimConfig
+from traser_jax.model import abstract_params
+from traser_jax.train import micro_batches
+
+from train_fixtures import REPO
+
+PEAKS = {"llm": 2e-5, "resampler": 1e-4, "merger": 5e-5}
+
+
+def hf_cosine_with_warmup(step: int, peak: float, warmup: int, total: int) -> float:
+    """transformers.get_cosine_schedule_with_warmup (one half cosine), written out."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def test_defaults_are_the_published_recipe():
+    cfg = OptimConfig()
+    assert (cfg.lr_llm, cfg.lr_resampler, cfg.lr_merger, cfg.lr_vision) == (2e-5, 1e-4, 5e-5, 0.0)
+    assert (cfg.warmup_ratio, cfg.weight_decay, cfg.clip_norm) == (0.01, 0.01, 1.0)
+    assert optim.warmup_steps(cfg) == 370  # 1% of ~37K steps
+
+
+@pytest.mark.parametrize("num_steps", [1000, 37000, 250])
+def test_learning_rates_warm_up_then_follow_the_cosine(num_steps):
+    cfg = OptimConfig(num_steps=num_steps)
+    warmup = math.ceil(0.01 * num_steps)
+    assert optim.warmup_steps(cfg) == warmup
+    steps = sorted({0, 1, warmup - 1, warmup, warmup + 1, num_steps // 2, num_steps - 1, num_steps,
+                    *np.random.default_rng(num_steps).integers(0, num_steps, 20).tolist()})
+    for step in steps:
+        got = optim.learning_rates(cfg, step)
+        assert set(got) == set(PEAKS)
+        for group, peak in PEAKS.items():
+            want = hf_cosine_with_warmup(step, peak, warmup, num_steps)
+            # float32 schedule: 1e-6 of the peak near the end, where 1 + cos cancels
+            assert got[group] == pytest.approx(want, rel=1e-5, abs=1e-6 * peak), (group, step)
+    assert optim.learning_rates(cfg, warmup)["llm"] == pytest.approx(2e-5, rel=1e-6)  # the peak
+    assert optim.learning_rates(cfg, 0)["llm"] == 0.0
+
+
+def _group_tree(value):
+    """One small parameter per group, at the paths the model uses (plus a bias and a norm scale)."""
+    return {"llm": {"layers": {"q_proj": {"kernel": value((2, 3)), "bias": value((3,))},
+                               "input_layernorm": {"scale": value((3,))}}},
+            "otr_resampler": {"latents": value((2, 2))},
+            "twr_resampler": {"latents": value((2, 2))},
+            "vision": {"merger": {"fc1": {"kernel": value((2, 2))}}}}
+
+
+def test_each_group_is_updated_at_its_own_rate():
+    """With a constant gradient Adam's normalized step is 1, so a parameter starting at 0 sits at minus
+    the sum of its group's learning rates."""
+    cfg = OptimConfig(num_steps=10, weight_decay=0.0)  # warmup: 1 step (update 0 has rate 0)
+    params = _group_tree(jnp.zeros)
+    tx = optim.make_optimizer(cfg, params)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
+    update_fn = jax.jit(tx.update)
+    for update in range(4):
+        updates, state = update_fn(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for path, value in traverse_util.flatten_dict(params).items():
+            group = optim.group_of(path)
+            want = -sum(optim.learning_rates(cfg, k)[group] for k in range(update + 1))
+            # rtol: Adam's float32 bias correction 1 - b2^t cancels (~1e-5 off at t = 2)
+            np.testing.assert_allclose(np.asarray(value), want, rtol=1e-4, err_msg=str((update, path)))
+
+
+def test_weight_decay_spares_biases_and_norm_scales():
+    """A zero gradient leaves only the decay: -lr * wd * p on kernels, embeddings and latents, nothing
+    on biases and norm scales (as the Hugging Face Trainer)."""
+    cfg = OptimConfig(num_steps=10)
+    params = _group_tree(lambda shape: jnp.ones(shape))
+    tx = optim.make_optimizer(cfg, params)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update_fn = jax.jit(tx.update)
+    for _ in range(2):  # update 0 has learning rate 0
+        updates, state = update_fn(zeros, state, params)
+    for path, u in traverse_util.flatten_dict(updates).items():
+        lr = optim.learning_rates(cfg, 1)[optim.group_of(path)]
+        want = 0.0 if path[-1] in ("bias", "scale") else -lr * cfg.weight_decay
+        np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, atol=1e-15, err_msg=str(path))
+
+
+def test_vision_tower_is_split_off_when_frozen():
+    params = abstract_params(config_lib.load("tiny"), boxed=False)
+    trainable, frozen = optim.split_frozen(params, OptimConfig())
+    frozen_paths, trainable_paths = traverse_util.flatten_dict(frozen), traverse_util.flatten_dict(trainable)
+    assert frozen_paths and all(p[0] == "vision" and "merger" not in p for p in frozen_paths)
+    assert {p[0] for p in trainable_paths} == {"vision", "llm", "otr_resampler", "twr_resampler"}
+    assert all("merger" in p for p in trainable_paths if p[0] == "vision")
+    assert len(frozen_paths) + len(trainable_paths) == len(traverse_util.flatten_dict(params))
+    # The optimizer holds moments for the trainable parameters only.
+    opt_state = jax.eval_shape(optim.make_optimizer(OptimConfig(), trainable).init, trainable)
+    moments = sum(leaf.size for leaf in jax.tree.leaves(opt_state) if leaf.ndim > 0)
+    assert moments == 2 * sum(leaf.size for leaf in jax.tree.leaves(trainable))
+    # A trained vision tower (lr_vision > 0) stays in the trainable tree, with its own rate.
+    trainable, frozen = optim.split_frozen(params, OptimConfig(lr_vision=1e-6))
+    assert frozen == {} and "vision" in optim.learning_rates(OptimConfig(lr_vision=1e-6), 5)
+
+
+def test_micro_batches_take_every_devices_share():
+    """8 rows laid out over 4 devices (2 rows each), 2 micro-batches: each holds one row per device."""
+    batch = {"x": np.arange(8 * 3).reshape(8, 3)}
+    micro = micro_batches(batch, 2)["x"]
+    assert micro.shape == (2, 4, 3)
+    rows = micro[..., 0] // 3
+    np.testing.assert_array_equal(rows, [[0, 2, 4, 6], [1, 3, 5, 7]])
+    assert sorted(rows.ravel().tolist()) == list(range(8))
+
+
+def test_train_sh_rejects_an_unknown_key_naming_the_closest():
+    proc = subprocess.run(["launch/train.sh", "configs/tiny.yaml", "optim.lr_lm=1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown config key 'optim.lr_lm'" in proc.stderr
+    assert "optim.lr_llm" in proc.stderr.split("closest valid keys:")[1]
