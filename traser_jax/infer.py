@@ -53,7 +53,7 @@ from traser_jax import tokens as tokens_lib
 from traser_jax.config import Config
 from traser_jax.convert import ASSETS_DIR, load_checkpoint
 from traser_jax.data import Features, apply_special_ids, collate, featurize
-from traser_jax.model import Traser, abstract_params, init_cache
+from traser_jax.model import Traser, abstract_params, embed_batch, init_cache
 from traser_jax.modules.layers import dtype_of
 from traser_jax.tokenizer import TokenizerError, TraserTokenizer, load_tokenizer
 from traser_jax.train import checkpoint_manager, make_mesh
@@ -141,19 +141,6 @@ def load_for_inference(checkpoint: str | Path, overrides: Sequence[str] | dict |
 # -- the model side of decoding --------------------------------------------------------------
 
 Statics = tuple[tuple[int, int, int], int, int]
-
-
-def embed_batch(model: Traser, params: dict, batch: dict[str, jax.Array], statics: Statics) -> jax.Array:
-    """Decoder input embeddings [B, L, D] of a collated batch: per video (vmapped) the vision
-    tower on its own patches, both resamplers, the latent rows placed into the text embeddings."""
-    grid, k, w = statics
-
-    def one(pixel_values, sel_token, otr_segment, twr_segment, input_ids, latent_index):
-        return model.apply({"params": params}, pixel_values, (grid,), sel_token, otr_segment, twr_segment,
-                           input_ids[None], latent_index[None], k, w, method=Traser.embed_inputs)[0]
-
-    return jax.vmap(one)(batch["pixel_values"], batch["sel_token"], batch["otr_segment"], batch["twr_segment"],
-                         batch["input_ids"], batch["latent_index"])
 
 
 class Predictor:

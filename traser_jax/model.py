@@ -36,6 +36,7 @@ import yaml
 from flax import traverse_util
 
 from traser_jax import config as config_lib
+from traser_jax import sharding as sh
 from traser_jax.config import Config
 from traser_jax.modules.layers import dtype_of
 from traser_jax.modules.resampler import PerceiverResampler
@@ -132,6 +133,25 @@ class Traser(nn.Module):
                                    latent_index, num_objects, num_windows)
         out, _ = self.decode(embeds, _batched(positions), _batched(attention_mask), return_hidden=return_hidden)
         return out
+
+
+def embed_batch(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> jax.Array:
+    """Decoder input embeddings [B, L, D] of a collated batch (traser_jax.data.collate): per video,
+    vmapped, the vision tower on its own patches and both resamplers fill the latent slots.
+
+    statics = (vision grid (t, h, w), object slots K, window slots W). Inside the vmap a video's
+    own batch axis is 1, so the vmapped axis carries the batch sharding (data, fsdp)."""
+    grid, k, w = statics
+
+    def one(pixel_values, sel_token, otr_segment, twr_segment, input_ids, latent_index):
+        return model.apply({"params": params}, pixel_values, (grid,), sel_token, otr_segment, twr_segment,
+                           input_ids[None], latent_index[None], k, w, method=Traser.embed_inputs)[0]
+
+    rules = [(name, None if name == sh.ACT_BATCH else axes) for name, axes in nn.get_logical_axis_rules()]
+    with nn.logical_axis_rules(rules):
+        return jax.vmap(one, spmd_axis_name=sh.BATCH_MESH_AXES)(
+            batch["pixel_values"], batch["sel_token"], batch["otr_segment"], batch["twr_segment"],
+            batch["input_ids"], batch["latent_index"])
 
 
 def example_inputs(cfg: Config, grid: tuple[int, int, int] = (1, 2, 2), num_tokens: int = 4,

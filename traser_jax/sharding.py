@@ -48,6 +48,9 @@ ACT_TOKENS = "act_tokens"      # packed video tokens (vision patches, resampler 
 ACT_SEGMENTS = "act_segments"  # resampler segments (objects, object windows)
 CACHE_LENGTH = "cache_length"
 
+# Mesh axes a batch is split over (activations' ACT_BATCH, the input batch, the per-video vmap).
+BATCH_MESH_AXES = ("data", "fsdp")
+
 DEFAULT_RULES: list[tuple[str, Any]] = [
     # parameters: FSDP shards the model width, tensor parallelism the heads and MLP
     (LAYERS, None),

@@ -38,10 +38,10 @@ from traser_jax import config as config_lib
 from traser_jax import optim, sharding
 from traser_jax.config import Config
 from traser_jax.data import DEVICE_KEYS
-from traser_jax.model import Traser, abstract_params, init_params
+from traser_jax.model import Traser, abstract_params, embed_batch, init_params
 from traser_jax.tokens import IGNORE_INDEX
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_MESH_AXES
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,19 +94,8 @@ def statics_of(batch: dict[str, np.ndarray]) -> tuple[tuple[int, int, int], int,
 
 
 def forward(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> jax.Array:
-    """Logits [B, L, vocab]: per video the vision tower and both resamplers (vmapped), then the decoder."""
-    grid, k, w = statics
-
-    def embed_one(pixel_values, sel_token, otr_segment, twr_segment, input_ids, latent_index):
-        return model.apply({"params": params}, pixel_values, (grid,), sel_token, otr_segment, twr_segment,
-                           input_ids[None], latent_index[None], k, w, method=Traser.embed_inputs)[0]
-
-    # Inside the vmap a video's own batch axis is 1: the vmapped axis carries the batch sharding.
-    rules = [(name, None if name == sharding.ACT_BATCH else axes) for name, axes in nn.get_logical_axis_rules()]
-    with nn.logical_axis_rules(rules):
-        embeds = jax.vmap(embed_one, spmd_axis_name=BATCH_AXES)(
-            batch["pixel_values"], batch["sel_token"], batch["otr_segment"], batch["twr_segment"],
-            batch["input_ids"], batch["latent_index"])
+    """Logits [B, L, vocab]: per video the vision tower and both resamplers, then the decoder."""
+    embeds = embed_batch(model, params, batch, statics)
     logits, _ = model.apply({"params": params}, embeds, batch["positions"], batch["attention_mask"],
                             method=Traser.decode)
     return logits
