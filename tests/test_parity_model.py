@@ -7,6 +7,8 @@ toyworld objects plus synthetic ones: a tiny object (no token reaches the thresh
 single best token is kept), an object seen only at the start and the end (its middle window
 has no token and is skipped), and enough small objects to pass the 40-object cap.
 """
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -177,3 +179,25 @@ def test_pixels_outside_an_objects_temporal_grids_leave_its_blocks_unchanged(set
     touched = blocks(run(params, video_input.preprocess_video(inside, cfg.vision, cfg.tokens).pixel_values,
                          arrays)[2])
     assert rel_err(touched[0], base[0]) > 1e-6  # spatial mixing in the tower reaches the object's tokens
+
+
+def test_attention_impl_from_config_gives_the_same_logits(setup):
+    """train.attention_impl=xla (jax.nn.dot_product_attention; cudnn is its fused GPU kernel) in the
+    vision tower and decoder gives the einsum path's logits; an unknown name fails on first use."""
+    cfg, params, _, frames, masks, patches, run = setup
+    _, padded = inputs_for(cfg, masks, patches, frames)
+    arrays = padded.arrays()
+    logits, *_ = run(params, patches.pixel_values, arrays)
+    xla_cfg = copy.deepcopy(cfg)
+    config_lib.apply_overrides(xla_cfg, ["train.attention_impl=xla"])
+    statics = dict(grid_thw=(patches.grid_thw,), num_objects=arrays["object_ids"].shape[-1],
+                   num_windows=arrays["window_object"].shape[-1])
+    args = {k: arrays[k] for k in ("sel_token", "otr_segment", "twr_segment", "input_ids", "latent_index",
+                                   "positions", "attention_mask")}
+    xla_logits = jax.jit(lambda p, pv: Traser(xla_cfg).apply({"params": p}, pv, **statics, **args))(
+        params, patches.pixel_values)
+    length = int(padded.length)
+    assert rel_err(np.asarray(xla_logits)[0, :length], np.asarray(logits)[0, :length]) <= TOL
+    config_lib.apply_overrides(xla_cfg, ["train.attention_impl=flash"])
+    with pytest.raises(config_lib.ConfigError, match="attention_impl 'flash'.*einsum, xla, cudnn"):
+        Traser(xla_cfg).apply({"params": params}, patches.pixel_values, **statics, **args)

@@ -144,6 +144,9 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots_saveable
+    # Vision tower and decoder attention: einsum (any backend; the parity reference) | xla
+    # (jax.nn.dot_product_attention) | cudnn (its fused kernel: NVIDIA GPUs, bf16/fp16 compute).
+    attention_impl: str = "einsum"
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpointing: bool = True

@@ -46,6 +46,9 @@ from traser_jax.modules.vision import VisionTower
 Grids = tuple[tuple[int, int, int], ...]
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 def check_shapes(cfg: Config) -> None:
     """The widths that must agree between the towers, with the field names in the error."""
     widths = {"vision.out_hidden_size": cfg.vision.out_hidden_size, "text.hidden_size": cfg.text.hidden_size,
@@ -55,6 +58,9 @@ def check_shapes(cfg: Config) -> None:
     if cfg.vision.hidden_size % cfg.vision.num_heads:
         raise config_lib.ConfigError(f"vision.hidden_size {cfg.vision.hidden_size} is not a multiple of "
                                      f"vision.num_heads {cfg.vision.num_heads}")
+    if cfg.train.attention_impl not in ATTENTION_IMPLS:
+        raise config_lib.ConfigError(f"train.attention_impl {cfg.train.attention_impl!r}: expected one of "
+                                     f"{', '.join(ATTENTION_IMPLS)}")
 
 
 def _batched(x: jax.Array) -> jax.Array:
@@ -64,17 +70,16 @@ def _batched(x: jax.Array) -> jax.Array:
 
 class Traser(nn.Module):
     cfg: Config
-    attention_impl: str = "einsum"  # "cudnn" on NVIDIA GPUs for the vision tower and decoder
 
     def setup(self):
         cfg = self.cfg
         check_shapes(cfg)
         kw = dict(dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
                   remat=cfg.train.remat)
-        self.vision = VisionTower(cfg.vision, attention_impl=self.attention_impl, **kw)
+        self.vision = VisionTower(cfg.vision, attention_impl=cfg.train.attention_impl, **kw)
         self.otr_resampler = PerceiverResampler(cfg.resampler, **kw)
         self.twr_resampler = PerceiverResampler(cfg.resampler, **kw)
-        self.llm = TextDecoder(cfg.text, attention_impl=self.attention_impl, **kw)
+        self.llm = TextDecoder(cfg.text, attention_impl=cfg.train.attention_impl, **kw)
 
     def encode_video(self, pixel_values: jax.Array, grid_thw: Grids) -> jax.Array:
         """Merged vision tokens [M, D] of the concatenated videos, HF order."""
