@@ -36,6 +36,20 @@ def load_sweep(path: str | Path) -> tuple[str, str, list[Any], dict[str, Any]]:
     return spec["base"], key, list(values), fixed
 
 
+def ensure_data(cfg: config_lib.Config) -> None:
+    """The demo's toyworld splits are generated when missing (the default data); other data must exist."""
+    paths = (Path(cfg.data.train_dir), Path(cfg.data.eval_dir))
+    if all(p.exists() for p in paths):
+        return
+    demo = config_lib.load("demo")
+    if (cfg.data.train_dir, cfg.data.eval_dir) != (demo.data.train_dir, demo.data.eval_dir):
+        missing = ", ".join(str(p) for p in paths if not p.exists())
+        raise config_lib.ConfigError(f"no data at {missing}: set data.train_dir / data.eval_dir to shard "
+                                     "directories (or leave them at the demo's toyworld defaults)")
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "launch" / "demo.py"), "--data-only"],
+                   check=True)
+
+
 def run_one(base: str, overrides: list[str], run_dir: Path, eval_dir: str) -> dict[str, float]:
     py = sys.executable
     subprocess.run([py, "-m", "traser_jax.train", base, *overrides, f"train.run_dir={run_dir}"], check=True)
@@ -82,11 +96,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/sweep.sh", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="a sweep YAML (configs/sweeps/...)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides shared by every run")
+    parser.add_argument("--out", default=None, help="the sweep's directory (default runs/<sweep file stem>)")
     args = parser.parse_args(argv)
-    base, key, values, fixed = load_sweep(args.sweep)
-    shared = [f"{k}={v}" for k, v in fixed.items()] + list(args.overrides)
-    cfg = config_lib.load(base, shared)
-    out_dir = Path("runs") / Path(args.sweep).stem
+    try:
+        base, key, values, fixed = load_sweep(args.sweep)
+        shared = [f"{k}={v}" for k, v in fixed.items()] + list(args.overrides)
+        cfg = config_lib.load(base, shared)
+        ensure_data(cfg)
+    except config_lib.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) if args.out else Path("runs") / Path(args.sweep).stem
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for value in values:
