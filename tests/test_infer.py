@@ -168,3 +168,33 @@ def test_benchmark_batch_has_exactly_the_requested_sizes():
     assert (answer == sizes["answer_tokens"]).all() and 0 < sizes["answer_tokens"] < 400
     with pytest.raises(ValueError, match="--seq 50 is too short"):
         bench.synthetic_batch(config_lib.load("tiny"), seq=50, frames=6, res=112, objects=2, object_cells=3, batch=1)
+
+
+def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, capsys):
+    """`python -m traser_jax.grounding`: at init the answer loss depends on the pixels, the first
+    object's latents differ between videos and every group gets gradient; with the resamplers'
+    learned latents blown up (the collapse the demo's learning rates avoid) the spread is ~0."""
+    from traser_jax import grounding
+
+    root, cfg = setup
+    assert grounding.main(["--checkpoint", str(root / "run"), "--data", str(root / "data"), "--videos", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["videos"] == 3
+    assert abs(report["loss"] - report["loss_shuffled_video"]) > 1e-4
+    assert report["latent_spread"] > 0.05
+    assert set(report["grad_norm"]) == {"llm", "resampler", "merger", "vision"}
+    assert all(v > 0 for v in report["grad_norm"].values())
+
+    run_cfg, params, tok = infer.load_for_inference(root / "run")
+    params = jax.device_get(params)
+    token_fn = tokens_lib.as_token_fn(tok)
+    batch = data_lib.collate([data_lib.featurize(ex, run_cfg, token_fn) for ex in ShardReader(root / "data")],
+                             run_cfg)
+    flat = traverse_util.flatten_dict(params)
+    for path in flat:
+        if path[-1] == "latents":
+            flat[path] = flat[path] * 1e4
+    collapsed = grounding.grounding_report(run_cfg, traverse_util.unflatten_dict(flat), batch)
+    assert collapsed["latent_spread"] < 0.01 < report["latent_spread"]
+    with pytest.raises(ValueError, match="at least 2 videos"):
+        grounding.grounding_report(run_cfg, params, {k: v[:1] for k, v in batch.items()})
