@@ -92,7 +92,7 @@ def test_llm_judge_retries_caches_and_reports(tmp_path, monkeypatch):
     # batch 3 (2): 500, then truncated -> split into two single-pair requests, both good.
     modes = ["429", "good", "garbage", "partial", "good", "500", "truncated", "good", "good"]
     with LoopbackOpenAI(_scripted(modes)) as server:
-        judge = LLMJudge("judge-model", base_url=server.base_url, cache_dir=tmp_path, batch_size=4,
+        judge = LLMJudge("judge-model", base_url=server.url, cache_dir=tmp_path, batch_size=4,
                          concurrency=1, price_input_per_m=1.0, price_output_per_m=2.0)
         labels = judge.judge(pairs + pairs[:3])  # repeats are asked once
         assert [label.value for label in labels] == [TRUTH[p] for p in pairs + pairs[:3]]
@@ -113,7 +113,7 @@ def test_llm_judge_retries_caches_and_reports(tmp_path, monkeypatch):
         assert report["failed_pairs"] == 0
 
         # a second judge on the same cache sends nothing
-        again = LLMJudge("judge-model", base_url=server.base_url, cache_dir=tmp_path, batch_size=4)
+        again = LLMJudge("judge-model", base_url=server.url, cache_dir=tmp_path, batch_size=4)
         assert [label.value for label in again.judge(pairs)] == [TRUTH[p] for p in pairs]
         assert len(server.requests) == 9 and again.report()["cache_hits"] == len(pairs)
         assert again.report()["requests"] == 0
@@ -121,7 +121,7 @@ def test_llm_judge_retries_caches_and_reports(tmp_path, monkeypatch):
     assert KEY not in cache_text and len(cache_text.splitlines()) == len(pairs)
     # another model is another cache key
     with LoopbackOpenAI(_scripted([])) as server:
-        other = LLMJudge("other-model", base_url=server.base_url, cache_dir=tmp_path)
+        other = LLMJudge("other-model", base_url=server.url, cache_dir=tmp_path)
         other.judge(pairs[:2])
         assert len(server.requests) == 1
 
@@ -136,12 +136,12 @@ def test_llm_judge_reports_pairs_it_cannot_label(tmp_path, monkeypatch):
         return 200, completion(json.dumps(answer)), {}
 
     with LoopbackOpenAI(respond) as server:
-        judge = LLMJudge("m", base_url=server.base_url, cache_dir=tmp_path, batch_size=3, max_attempts=2)
+        judge = LLMJudge("m", base_url=server.url, cache_dir=tmp_path, batch_size=3, max_attempts=2)
         with pytest.raises(JudgeError, match="1 of 3 pairs got no valid label"):
             judge.judge(pairs)
         # attempt 1 labels pairs 0 and 1, attempt 2 asks for pair 2 alone and fails again
         assert len(server.requests) == 2 and len(user_items(server.requests[1])) == 1
-        lenient = LLMJudge("m", base_url=server.base_url, cache_dir=tmp_path, batch_size=3, max_attempts=2,
+        lenient = LLMJudge("m", base_url=server.url, cache_dir=tmp_path, batch_size=3, max_attempts=2,
                            on_failure="mismatch")
         labels = lenient.judge(pairs)
         # pairs 0 and 1 come from the cache; pair 2 is asked twice more, then labelled mismatch

@@ -67,7 +67,7 @@ def test_videoqa_modes_and_malformed_answers(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-videoqa")
     questions, shards = _write_inputs(tmp_path)
     with LoopbackOpenAI(_Policy()) as server:
-        client = llm.make_client(server.base_url)
+        client = llm.make_client(server.url)
         result = videoqa.run(videoqa.load_questions(questions), client, "vlm",
                              graphs=videoqa.load_graphs(shards),
                              frames=videoqa.FrameSource(shards, max_frames=4), attempts=2, concurrency=3)
@@ -108,7 +108,7 @@ def test_videoqa_cli_with_jsonl_graphs_and_frame_folders(tmp_path, monkeypatch, 
             Image.fromarray(np.full((24, 40, 3), 50 * t, np.uint8)).save(frames / vid / f"{t:03d}.png")
     out = tmp_path / "qa_result.json"
     with LoopbackOpenAI(_Policy()) as server:
-        rc = videoqa.main(["--questions", str(questions), "--model", "vlm", "--base-url", server.base_url,
+        rc = videoqa.main(["--questions", str(questions), "--model", "vlm", "--base-url", server.url,
                            "--graphs", str(graphs), "--frames", str(frames), "--modes", "video,graph",
                            "--attempts", "2", "--out", str(out)])
         assert rc == 0

@@ -5,7 +5,9 @@ does (JSON body, `usage` token counts, HTTP errors), so the real `openai` client
 runs against it unchanged. Replies come from a responder (default:
 `SceneResponder`, which answers the pipeline's four schemas from what the request
 shows); faults can be queued to test the client: "malformed", "truncated",
-"schema", "empty", 429 and 500.
+"schema", "empty", 429 and 500. A test that scripts whole HTTP replies passes
+`handle(body, index) -> (status, payload, headers)` instead (payload: a dict sent
+as JSON, or a raw string; index counts requests from 0).
 
     with LoopbackServer() as server:
         cfg.llm.base_url = server.url
@@ -21,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 Responder = Callable[[dict], str]  # request body -> reply content (a JSON string)
+Handle = Callable[[dict, int], tuple[int, "dict | str", dict]]  # (body, index) -> (status, payload, headers)
 
 
 class SceneResponder:
@@ -56,11 +59,12 @@ class SceneResponder:
 
 
 class LoopbackServer:
-    def __init__(self, responder: Responder | None = None):
+    def __init__(self, responder: Responder | None = None, handle: Handle | None = None):
         self.responder = responder or SceneResponder()
+        self.handle = handle or self._reply
         self.faults: deque[str] = deque()
         self.requests: list[dict] = []  # bodies received (kept in memory only)
-        self.auth_headers: list[str] = []  # Authorization headers received (kept in memory only)
+        self.headers: list[dict[str, str]] = []  # their headers, lowercase names (kept in memory only)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -68,6 +72,10 @@ class LoopbackServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    @property
+    def auth_headers(self) -> list[str]:
+        return [h.get("authorization", "") for h in self.headers]
 
     @property
     def count(self) -> int:
@@ -87,9 +95,8 @@ class LoopbackServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _reply(self, body: dict) -> tuple[int, dict, dict]:
+    def _reply(self, body: dict, index: int) -> tuple[int, dict, dict]:
         with self._lock:
-            self.requests.append(body)
             fault = self.faults.popleft() if self.faults else None
         if fault == "429":
             return 429, {"error": {"message": "rate limited", "type": "rate_limit_error"}}, {"retry-after": "0"}
@@ -106,7 +113,7 @@ class LoopbackServer:
             content = ""
         prompt_tokens = len(json.dumps(body)) // 4
         return 200, {
-            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": 0, "model": body["model"],
+            "id": f"chatcmpl-{index + 1}", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content) // 4,
                       "total_tokens": prompt_tokens + len(content) // 4},
@@ -116,16 +123,20 @@ class LoopbackServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the openai client's pool expects
+
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 length = int(self.headers.get("content-length", 0))
-                body = json.loads(self.rfile.read(length))
-                with server._lock:
-                    server.auth_headers.append(self.headers.get("authorization", ""))
-                if not self.path.endswith("/chat/completions"):
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self.path.rstrip("/").endswith("/chat/completions"):
                     status, payload, headers = 404, {"error": {"message": f"no route {self.path}"}}, {}
                 else:
-                    status, payload, headers = server._reply(body)
-                data = json.dumps(payload).encode()
+                    with server._lock:
+                        index = len(server.requests)
+                        server.requests.append(body)
+                        server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    status, payload, headers = server.handle(body, index)
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
