@@ -297,6 +297,13 @@ def _check_supported(hf: dict, text: dict) -> None:
         raise ValueError(f"config.json hidden_act {text.get('hidden_act')!r}: expected 'silu'")
 
 
+def _read_fields(ours, theirs: dict, names: dict[str, str]) -> None:
+    """ours.<field> = theirs[<their name>], cast to the field's type, for every name theirs has."""
+    for field, their_name in names.items():
+        if their_name in theirs:
+            setattr(ours, field, type(getattr(ours, field))(theirs[their_name]))
+
+
 def config_from_hf(hf: dict, base: Config) -> Config:
     """Our Config with the architecture read from an HF Qwen2.5-VL config.json dict."""
     cfg = copy.deepcopy(base)
@@ -316,16 +323,10 @@ def config_from_hf(hf: dict, base: Config) -> Config:
     t.tie_word_embeddings = bool(hf.get("tie_word_embeddings", False) or
                                  (hf.get("text_config") or {}).get("tie_word_embeddings", False))
     v = cfg.vision
-    v.depth = int(vis.get("depth", v.depth))
-    v.hidden_size = int(vis.get("hidden_size", v.hidden_size))
-    v.num_heads = int(vis.get("num_heads", v.num_heads))
-    v.intermediate_size = int(vis.get("intermediate_size", v.intermediate_size))
-    v.patch_size = int(vis.get("patch_size", v.patch_size))
-    v.temporal_patch_size = int(vis.get("temporal_patch_size", v.temporal_patch_size))
-    v.spatial_merge_size = int(vis.get("spatial_merge_size", v.spatial_merge_size))
-    v.window_size = int(vis.get("window_size", v.window_size))
+    _read_fields(v, vis, {name: name for name in (
+        "depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "temporal_patch_size",
+        "spatial_merge_size", "window_size", "out_hidden_size")})
     v.fullatt_block_indexes = [int(i) for i in vis.get("fullatt_block_indexes", v.fullatt_block_indexes)]
-    v.out_hidden_size = int(vis.get("out_hidden_size", v.out_hidden_size))
     v.in_channels = int(vis.get("in_channels", vis.get("in_chans", v.in_channels)))
     if vis.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json vision_config.hidden_act {vis.get('hidden_act')!r}: expected 'silu'")
@@ -394,13 +395,10 @@ def _apply_traser_fields(cfg: Config, hf: dict) -> None:
     """config.json's `resampler_config` (Idefics2PerceiverConfig fields) and `traser_tokens` (TokenConfig)."""
     pc = hf.get("resampler_config") or {}
     r = cfg.resampler
-    r.hidden_size = int(pc.get("hidden_size", r.hidden_size))
-    r.num_latents = int(pc.get("resampler_n_latents", r.num_latents))
-    r.depth = int(pc.get("resampler_depth", r.depth))
-    r.num_heads = int(pc.get("resampler_n_heads", r.num_heads))
-    r.head_dim = int(pc.get("resampler_head_dim", r.head_dim))
-    r.num_kv_heads = int(pc.get("num_key_value_heads", r.num_kv_heads))
-    r.rms_norm_eps = float(pc.get("rms_norm_eps", r.rms_norm_eps))
+    _read_fields(r, pc, {"hidden_size": "hidden_size", "num_latents": "resampler_n_latents",
+                         "depth": "resampler_depth", "num_heads": "resampler_n_heads",
+                         "head_dim": "resampler_head_dim", "num_kv_heads": "num_key_value_heads",
+                         "rms_norm_eps": "rms_norm_eps"})
     r.intermediate_size = 4 * r.hidden_size
     known = {f.name for f in dataclasses.fields(cfg.tokens)}
     for key, value in (hf.get("traser_tokens") or {}).items():

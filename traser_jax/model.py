@@ -38,7 +38,7 @@ from flax import traverse_util
 from traser_jax import config as config_lib
 from traser_jax import sharding as sh
 from traser_jax.config import Config
-from traser_jax.modules.layers import dtype_of
+from traser_jax.modules.layers import ATTENTION_IMPLS, dtype_of
 from traser_jax.modules.resampler import PerceiverResampler
 from traser_jax.modules.text import Cache, TextDecoder, init_cache  # noqa: F401 (re-exported for decoding)
 from traser_jax.modules.vision import VisionTower
@@ -46,11 +46,9 @@ from traser_jax.modules.vision import VisionTower
 Grids = tuple[tuple[int, int, int], ...]
 
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
-
-
 def check_shapes(cfg: Config) -> None:
-    """The widths that must agree between the towers, with the field names in the error."""
+    """The widths that must agree between the towers and the attention implementation, checked before
+    anything is built, with the field names in the error."""
     widths = {"vision.out_hidden_size": cfg.vision.out_hidden_size, "text.hidden_size": cfg.text.hidden_size,
               "resampler.hidden_size": cfg.resampler.hidden_size}
     if len(set(widths.values())) != 1:

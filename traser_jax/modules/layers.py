@@ -16,6 +16,7 @@ import numpy as np
 from traser_jax import sharding as sh
 
 Dtype = Any
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")  # `attention(impl=...)`, config key train.attention_impl
 INIT_STD = 0.02  # HF initializer_range of Qwen2.5-VL and Idefics2
 
 
@@ -149,8 +150,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
             flat, 1, nq, k.shape[-3])
         out = jax.nn.dot_product_attention(q4, k4, v4, mask=m4, scale=scale, implementation=impl)
         return out.reshape(q.shape)
-    if impl != "einsum":
-        raise ValueError(f"attention impl {impl!r}: expected einsum, xla or cudnn")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
     groups = heads // kv_heads
     qg = q.reshape(*batch, nq, kv_heads, groups, dim)
     logits = jnp.einsum("...qhgd,...khd->...hgqk", qg, k, preferred_element_type=jnp.float32) * scale
