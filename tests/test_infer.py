@@ -8,6 +8,8 @@ the real parameter tree.
 """
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -23,6 +25,7 @@ from traser_jax import config as config_lib
 from traser_jax import data as data_lib
 from traser_jax import tokens as tokens_lib
 from traser_jax.model import abstract_params, init_params
+from train_fixtures import REPO, subprocess_env
 
 MAX_NEW = 160
 MAX_CHARS = 16  # short strings so random outputs reach the relationships
@@ -99,6 +102,20 @@ def test_converted_checkpoint_and_batch_size_one_give_the_same_output(setup, cli
     predictor = infer.Predictor(cfg, params, tok, max_new_tokens=MAX_NEW, max_chars=MAX_CHARS)
     single = list(infer.predict(predictor, ShardReader(root / "data"), batch_size=1))
     assert {p["video_id"]: p for p in single} == {p["video_id"]: p for p in cli_predictions}
+
+
+def test_decoding_sharded_over_8_devices_gives_the_single_device_output(setup, cli_predictions):
+    """Data x FSDP x tensor = 2 x 2 x 2 fake CPU devices, the batch split 4 ways: the same predictions."""
+    root, _ = setup
+    out = root / "pred_sharded.jsonl"
+    cmd = [sys.executable, "-m", "traser_jax.infer", "--checkpoint", str(root / "run"), "--data", str(root / "data"),
+           "--out", str(out), "--batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--max-chars", str(MAX_CHARS),
+           "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "each batch split 4 ways" in proc.stderr
+    sharded = {p["video_id"]: p for p in map(json.loads, out.read_text().splitlines())}
+    assert sharded == {p["video_id"]: p for p in cli_predictions}
 
 
 def test_run_directory_restores_only_the_parameters(setup):

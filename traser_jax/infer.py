@@ -13,7 +13,8 @@
   hf_assets/tokenizer.json unless `--tokenizer` names one.
 `key=value` overrides apply to the stored config (e.g. `train.compute_dtype=float32`,
 `train.repetition_penalty=1.0`, `mesh.tensor=8`); parameters are laid out on the
-devices by the config's logical-axis rules, as in training.
+devices by the config's logical-axis rules, as in training, and each batch is split
+over the mesh's (data, fsdp) axes when they divide the batch size.
 
 Per batch (videos of one frame size, featurized as for training but without the
 answer): the vision tower and both resamplers run per video (vmapped), the packed
@@ -147,8 +148,10 @@ class Predictor:
     """Decodes collated batches of one checkpoint; compiled functions are kept per batch shape."""
 
     def __init__(self, cfg: Config, params: dict, tokenizer: TraserTokenizer, *, max_new_tokens: int | None = None,
-                 max_chars: int = 100):
+                 max_chars: int = 100, mesh: jax.sharding.Mesh | None = None):
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.mesh = mesh or make_mesh(cfg.mesh)
+        self.rules = sharding.rules_from_config(cfg.mesh.rules)
         self.model = Traser(cfg)
         self.max_new_tokens = int(max_new_tokens or cfg.train.max_new_tokens)
         if self.max_new_tokens < 1:
@@ -192,6 +195,13 @@ class Predictor:
 
         return step
 
+    def input_sharding(self, ndim: int, batch_size: int) -> jax.sharding.NamedSharding:
+        """A batch splits over the mesh's (data, fsdp) axes, as in training, when they divide it;
+        otherwise every device decodes the whole batch."""
+        if batch_size % sharding.batch_shards(self.mesh):
+            return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return sharding.batch_sharding(self.mesh, ndim)
+
     def check_budget(self, video_id: str, num_objects: int) -> None:
         need = self.grammar.min_new_tokens(num_objects)
         if self.max_new_tokens < need:
@@ -213,12 +223,14 @@ class Predictor:
             self.check_budget(v.video_id, k)
         max_second = [constrained.video_limits(r)[1] for r in records]
         constraint = decode.make_constraint(self.grammar, num_objects, max_second, self.max_new_tokens)
-        device_batch = {k: jnp.asarray(batch[k]) for k in PROMPT_KEYS}
+        device_batch = {k: jax.device_put(batch[k], self.input_sharding(np.ndim(batch[k]), len(videos)))
+                        for k in PROMPT_KEYS}
         first = batch["positions"][np.arange(len(videos)), batch["length"] - 1] + 1
-        out = decode.greedy_decode(self._step, self._make_prefill(statics, length), self.params, device_batch,
-                                   jnp.asarray(first, jnp.int32), constraint, self.max_new_tokens,
-                                   end_id=self.tokenizer.special.im_end,
-                                   repetition_penalty=self.cfg.train.repetition_penalty)
+        with sharding.activate(self.mesh, self.rules):
+            out = decode.greedy_decode(self._step, self._make_prefill(statics, length), self.params, device_batch,
+                                       jnp.asarray(first, jnp.int32), constraint, self.max_new_tokens,
+                                       end_id=self.tokenizer.special.im_end,
+                                       repetition_penalty=self.cfg.train.repetition_penalty)
         finished = np.asarray(out.finished)
         if not finished.all():  # the grammar closes every row within the budget: a bug if not
             raise RuntimeError(f"decoding did not finish for videos "
@@ -267,6 +279,10 @@ def run(checkpoint: str | Path, data: str | Path, out: str | Path, *, batch_size
 
     cfg, params, tok = load_for_inference(checkpoint, overrides, tokenizer, step)
     predictor = Predictor(cfg, params, tok, max_new_tokens=max_new_tokens, max_chars=max_chars)
+    mesh, shards = dict(predictor.mesh.shape), sharding.batch_shards(predictor.mesh)
+    split = f"each batch split {shards} ways" if batch_size % shards == 0 else \
+        f"batches of {batch_size} not split: (data x fsdp) = {shards} does not divide them"
+    print(f"mesh {mesh}: {split}", file=sys.stderr)
     reader = ShardReader(data)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

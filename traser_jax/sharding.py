@@ -14,7 +14,9 @@ MLP 3420) stay replicated in the defaults.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -139,3 +141,20 @@ def sharding_problems(abstract_params: Any, rules: Sequence[tuple[str, Any]],
         if len(set(used)) != len(used):
             problems.append(f"{name}: mesh axes {used} repeat in {spec}")
     return problems
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+    """The mesh and logical rules active while tracing, so activation constraints resolve to mesh axes."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> jax.sharding.NamedSharding:
+    """An array's leading (batch) axis split over BATCH_MESH_AXES, the rest whole."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_MESH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many ways BATCH_MESH_AXES split a batch."""
+    return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES)

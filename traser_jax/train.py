@@ -41,8 +41,6 @@ from traser_jax.data import DEVICE_KEYS
 from traser_jax.model import Traser, abstract_params, embed_batch, init_params
 from traser_jax.tokens import IGNORE_INDEX
 
-BATCH_AXES = sharding.BATCH_MESH_AXES
-
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -189,7 +187,7 @@ class Trainer:
             out_shardings=(self.replicated, self.state_shardings["params"]), static_argnums=2)
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
-        return NamedSharding(self.mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+        return sharding.batch_sharding(self.mesh, ndim)
 
     def init_state(self, seed: int, params: dict | None = None) -> dict:
         """Fresh state (random or given parameters), laid out by the state shardings."""
@@ -208,7 +206,7 @@ class Trainer:
                             self.state_shardings)
 
     def context(self):
-        return _Context(self.mesh, self.rules)
+        return sharding.activate(self.mesh, self.rules)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local numpy batch -> global arrays sharded over (data, fsdp)."""
@@ -227,23 +225,6 @@ class Trainer:
         statics = statics_of(batch)
         with self.context():
             return self._loss_and_grads(state, self.put_batch(batch), statics)
-
-
-class _Context:
-    """The mesh and logical rules active while tracing (for activation constraints)."""
-
-    def __init__(self, mesh, rules):
-        self.mesh, self.rules = mesh, rules
-
-    def __enter__(self):
-        self._mesh_ctx = jax.set_mesh(self.mesh)
-        self._mesh_ctx.__enter__()
-        self._rules_ctx = nn.logical_axis_rules(self.rules)
-        self._rules_ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self._rules_ctx.__exit__(*exc)
-        self._mesh_ctx.__exit__(*exc)
 
 
 # -- the loop -------------------------------------------------------------------------
