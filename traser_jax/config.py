@@ -104,6 +104,9 @@ class DataConfig:
     tokenizer: str = ""  # a tokenizer.json; empty: train a small BPE on the training targets (toyworld)
     tokenizer_vocab_size: int = 2048
     prompt: str = "Output the Video Scene Graph from the video and object trajectories:"
+    # Training task weights over the release's four prompts (traser_jax.tokenizer.PROMPTS): each
+    # training video is given one task by a hash of its id; inference always asks for the scene graph.
+    task_mix: dict[str, float] = field(default_factory=lambda: {"scene_graph": 1.0})
     global_batch_size: int = 8
     grad_accum_steps: int = 1
     worker_count: int = 2  # grain worker processes decoding frames in parallel

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +24,7 @@ from data_gen.shards import Example, ShardReader
 from traser_jax import tokens as tokens_lib
 from traser_jax import config as config_lib
 from traser_jax.config import Config
-from traser_jax.tokenizer import load_tokenizer, serialize_target, train_bpe
+from traser_jax.tokenizer import PROMPTS, load_tokenizer, serialize_target, train_bpe
 from traser_jax.video_input import normalize, patchify, resize_frames, resized_size
 
 DEVICE_KEYS = ("pixel_values", "sel_token", "otr_segment", "twr_segment", "input_ids", "latent_index",
@@ -47,16 +48,56 @@ class Features:
     inputs: tokens_lib.TraserInputs
 
 
-def target_text(record: Record) -> str:
-    """The answer the model learns: the record's canonical TRASER JSON."""
-    return serialize_target(to_traser_json(record))
+def target_text(record: Record, task: str = "scene_graph") -> str:
+    """The answer the model learns: the record's canonical TRASER JSON, reduced to what `task` asks
+    for (objects, with attributes for scene_graph / attributes, relationships for scene_graph /
+    relationships)."""
+    payload = to_traser_json(record)
+    objects = payload["objects"]
+    if task not in ("scene_graph", "attributes"):
+        objects = [{k: v for k, v in o.items() if k != "attributes"} for o in objects]
+    answer = {"objects": objects}
+    if task in ("scene_graph", "relationships"):
+        answer["relationships"] = payload["relationships"]
+    return serialize_target(answer)
+
+
+def check_task_mix(task_mix: dict[str, float]) -> None:
+    if not isinstance(task_mix, dict) or not task_mix:
+        raise config_lib.ConfigError(f"data.task_mix {task_mix!r}: expected {{task: weight}}, tasks "
+                                     f"{', '.join(PROMPTS)}")
+    for task, weight in task_mix.items():
+        if task not in PROMPTS:
+            raise config_lib.ConfigError(f"data.task_mix: unknown task {task!r}; tasks: {', '.join(PROMPTS)}")
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise config_lib.ConfigError(f"data.task_mix: weight of {task!r} must be a number >= 0, got {weight!r}")
+    if sum(task_mix.values()) <= 0:
+        raise config_lib.ConfigError(f"data.task_mix {task_mix}: the weights sum to 0")
+
+
+def task_of(video_id: str, task_mix: dict[str, float]) -> str:
+    """The training task of a video: a fixed draw from task_mix by a hash of its id (the same in every
+    worker, epoch and restart)."""
+    u = int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:8], "big") / 2 ** 64 * sum(task_mix.values())
+    for task, weight in task_mix.items():
+        u -= weight
+        if u < 0:
+            return task
+    return next(t for t, w in reversed(task_mix.items()) if w > 0)
 
 
 def featurize(example: Example, cfg: Config, token_fn, with_target: bool = True) -> Features:
+    """With a target, the prompt and answer of the video's task (`task_of`); without, the scene-graph
+    prompt `data.prompt`."""
     record = example.record
     pixel_values, grid = video_features(record, example.frames, cfg)
-    inputs = tokens_lib.prepare(record, token_fn, cfg, cfg.data.prompt,
-                                target_text=target_text if with_target else None)
+    if with_target:
+        task = task_of(record.video.id, cfg.data.task_mix)
+        prompt = cfg.data.prompt if task == "scene_graph" else PROMPTS[task]
+        inputs = tokens_lib.prepare(record, token_fn, cfg, prompt, target_text=functools.partial(target_text,
+                                                                                              task=task))
+    else:
+        inputs = tokens_lib.prepare(record, token_fn, cfg, cfg.data.prompt)
     return Features(record.video.id, pixel_values.astype(np.float32), grid, inputs)
 
 
@@ -105,7 +146,9 @@ def run_tokenizer(cfg: Config) -> str:
             raise FileNotFoundError(f"data.tokenizer: no file {path}")
         reader = ShardReader(cfg.data.train_dir)
         texts = [target_text(reader[i].record) for i in range(len(reader))]
-        texts += [*tokens_lib.chat_texts(cfg.data.prompt), *(f"Object {k}: " for k in range(1, 41)),
+        prompts = [cfg.data.prompt, *(PROMPTS[t] for t, w in cfg.data.task_mix.items() if w and t != "scene_graph")]
+        texts += [text for p in prompts for text in tokens_lib.chat_texts(p)]
+        texts += [*(f"Object {k}: " for k in range(1, 41)),
                   *(tokens_lib.window_label(w, cfg.tokens.window_seconds) for w in range(64))]
         train_bpe(texts, cfg.data.tokenizer_vocab_size, path)
     apply_special_ids(cfg, load_tokenizer(path))
@@ -132,6 +175,7 @@ def train_dataset(cfg: Config, tokenizer_path: str, *, process_index: int | None
         raise ValueError(f"data.global_batch_size {cfg.data.global_batch_size} must divide by processes x "
                          f"grad_accum_steps = {process_count} x {cfg.data.grad_accum_steps}")
     per_host = cfg.data.global_batch_size // process_count
+    check_task_mix(cfg.data.task_mix)
     ds = grain.MapDataset.source(ShardReader(cfg.data.train_dir))
     ds = ds[process_index::process_count].map(Featurize(cfg, tokenizer_path))
     if cfg.data.cache_in_memory:  # featurize each video once (small datasets: the demo, sweeps)

@@ -99,7 +99,10 @@ class TextDecoder(nn.Module):
                                  param_dtype=self.param_dtype, name="lm_head")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return self.embed_tokens(input_ids)
+        # Rows of a table whose width FSDP splits would make XLA rematerialize the whole table on every
+        # device ("involuntary full rematerialization"); gather the width first, as for any FSDP weight.
+        table = nn.with_logical_constraint(self.embed_tokens.embedding, (sh.VOCAB, None))
+        return jnp.take(table, input_ids, axis=0).astype(self.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits [..., vocab] of final hidden states."""
