@@ -68,7 +68,8 @@ def cli_predictions(setup):
     root, _ = setup
     out = root / "pred.jsonl"
     rc = infer.main(["--checkpoint", str(root / "run"), "--data", str(root / "data"), "--out", str(out),
-                     "--batch-size", "2", "--max-new-tokens", str(MAX_NEW), "--max-chars", str(MAX_CHARS)])
+                     "--batch-size", "2", "--max-new-tokens", str(MAX_NEW), "--max-chars", str(MAX_CHARS),
+                     "--workers", "2"])
     assert rc == 0
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -95,12 +96,13 @@ def test_every_prediction_is_a_valid_scene_graph_of_its_video(setup, cli_predict
 
 
 def test_converted_checkpoint_and_batch_size_one_give_the_same_output(setup, cli_predictions):
-    """Same weights through the other checkpoint kind, one video per batch: greedy decoding is
-    deterministic and padding (prompt length, temporal grids, batch rows) is masked out."""
+    """Same weights through the other checkpoint kind, one video per batch, featurized in this process
+    (the CLI used 2 worker processes): greedy decoding is deterministic and padding (prompt length,
+    temporal grids, batch rows) is masked out."""
     root, _ = setup
     cfg, params, tok = infer.load_for_inference(root / "converted")
     predictor = infer.Predictor(cfg, params, tok, max_new_tokens=MAX_NEW, max_chars=MAX_CHARS)
-    single = list(infer.predict(predictor, ShardReader(root / "data"), batch_size=1))
+    single = list(infer.predict(predictor, ShardReader(root / "data"), batch_size=1, workers=0))
     assert {p["video_id"]: p for p in single} == {p["video_id"]: p for p in cli_predictions}
 
 
@@ -113,7 +115,7 @@ def test_decoding_sharded_over_8_devices_gives_the_single_device_output(setup, c
            "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(devices=8), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "each batch split 4 ways" in proc.stderr
+    assert "each batch is split 4 ways" in proc.stderr
     sharded = {p["video_id"]: p for p in map(json.loads, out.read_text().splitlines())}
     assert sharded == {p["video_id"]: p for p in cli_predictions}
 
@@ -138,6 +140,14 @@ def test_a_budget_below_the_shortest_output_is_refused(setup, capsys):
                      "--out", str(root / "short.jsonl"), "--max-new-tokens", "5"])
     assert rc == 2
     assert "max_new_tokens 5 is below" in capsys.readouterr().err
+
+
+def test_a_negative_worker_count_is_refused(setup, capsys):
+    root, _ = setup
+    rc = infer.main(["--checkpoint", str(root / "converted"), "--data", str(root / "data"),
+                     "--out", str(root / "none.jsonl"), "--workers", "-1"])
+    assert rc == 2
+    assert "--workers must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path):

@@ -179,13 +179,13 @@ def train_dataset(cfg: Config, tokenizer_path: str, *, process_index: int | None
     ds = grain.MapDataset.source(ShardReader(cfg.data.train_dir))
     ds = ds[process_index::process_count].map(Featurize(cfg, tokenizer_path))
     if cfg.data.cache_in_memory:  # featurize each video once (small datasets: the demo, sweeps)
-        ds = grain.MapDataset.source(list(_parallel(ds, cfg.data.worker_count)))
+        ds = grain.MapDataset.source(list(in_workers(ds, cfg.data.worker_count)))
     ds = ds.shuffle(seed=cfg.data.shuffle_seed).repeat(cfg.data.num_epochs or None)
     ds = ds.batch(per_host, drop_remainder=True, batch_fn=functools.partial(collate, cfg=cfg))
-    return _parallel(ds, 0 if cfg.data.cache_in_memory else cfg.data.worker_count)
+    return in_workers(ds, 0 if cfg.data.cache_in_memory else cfg.data.worker_count)
 
 
-def _parallel(ds, workers: int):
+def in_workers(ds, workers: int):
     """A MapDataset as an iterator dataset computed in `workers` processes (0: in this one). One thread,
     two elements ahead: grain's default (16 threads, 500 elements ahead) suits KiB-sized records, and
     our elements are MiB-sized batches that would take the host's memory and cores from the step."""

@@ -1,7 +1,7 @@
 """Scene graphs from videos: batched, grammar-constrained greedy decoding with a KV cache.
 
     python -m traser_jax.infer --checkpoint DIR --data SHARD_DIR --out PRED.jsonl
-        [--batch-size 8] [--max-new-tokens N] [--step S] [--tokenizer FILE] [key=value ...]
+        [--batch-size 8] [--max-new-tokens N] [--step S] [--tokenizer FILE] [--workers W] [key=value ...]
 
 `--checkpoint` is either
 - a training run directory (`python -m traser_jax.train`: config.json, tokenizer.json,
@@ -17,7 +17,8 @@ devices by the config's logical-axis rules, as in training, and each batch is sp
 over the mesh's (data, fsdp) axes when they divide the batch size.
 
 Per batch (videos of one frame size, featurized as for training but without the
-answer): the vision tower and both resamplers run per video (vmapped), the packed
+answer, in `--workers` processes while the devices decode): the vision tower and
+both resamplers run per video (vmapped), the packed
 prompts are right-padded to one shape bucket and prefilled into the decoder's KV
 cache, then `traser_jax.decode.greedy_decode` steps under one `jax.jit`. The
 output is constrained while decoding (`traser_jax.constrained`): always valid TRASER
@@ -38,7 +39,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,7 +54,7 @@ from traser_jax import constrained, decode, optim, sharding
 from traser_jax import tokens as tokens_lib
 from traser_jax.config import Config
 from traser_jax.convert import ASSETS_DIR, load_checkpoint
-from traser_jax.data import Features, apply_special_ids, collate, featurize
+from traser_jax.data import Features, apply_special_ids, collate, featurize, in_workers
 from traser_jax.model import Traser, abstract_params, embed_batch, init_cache
 from traser_jax.modules.layers import dtype_of
 from traser_jax.tokenizer import TokenizerError, TraserTokenizer, load_tokenizer
@@ -244,12 +245,42 @@ def kept_template(record: Record, features: Features) -> Record:
     return tokens_lib.kept_record(record, features.inputs.object_ids[:k].tolist())
 
 
-def predict(predictor: Predictor, examples: Iterable[Example], batch_size: int,
-            progress: Any = None) -> Iterator[dict[str, Any]]:
-    """Prediction dicts ({"video_id", "objects", "relationships"}) for examples, batched per frame size."""
+class FeaturizeVideo:
+    """grain map: Example -> (Features without the answer, Record); picklable (the tokenizer travels as
+    its JSON and is rebuilt once per worker)."""
+
+    def __init__(self, cfg: Config, tokenizer: TraserTokenizer):
+        self.cfg, self.tokenizer_json, self._token_fn = cfg, tokenizer.tokenizer.to_str(), None
+
+    def __call__(self, example: Example) -> tuple[Features, Record]:
+        if self._token_fn is None:
+            from tokenizers import Tokenizer
+            self._token_fn = tokens_lib.as_token_fn(TraserTokenizer(Tokenizer.from_str(self.tokenizer_json)))
+        return featurize(example, self.cfg, self._token_fn, with_target=False), example.record
+
+    def __getstate__(self):
+        return {**self.__dict__, "_token_fn": None}
+
+
+def featurized(source: Sequence[Example], cfg: Config, tokenizer: TraserTokenizer,
+               workers: int = 0) -> Iterator[tuple[Features, Record]]:
+    """(Features, Record) of each example in order; frames decoded and tokens arranged in `workers`
+    processes (0: in this one) while the accelerator decodes."""
+    fn = FeaturizeVideo(cfg, tokenizer)
+    if workers < 0:
+        raise InferenceError(f"--workers must be >= 0, got {workers}")
+    if workers == 0:
+        return map(fn, source)
+    import grain
+    return iter(in_workers(grain.MapDataset.source(source).map(fn), workers))
+
+
+def predict(predictor: Predictor, source: Sequence[Example], batch_size: int, progress: Any = None,
+            workers: int = 0) -> Iterator[dict[str, Any]]:
+    """Prediction dicts ({"video_id", "objects", "relationships"}) for a source of examples (a
+    ShardReader), batched per frame size."""
     if batch_size < 1:
         raise InferenceError(f"--batch-size must be >= 1, got {batch_size}")
-    token_fn = tokens_lib.as_token_fn(predictor.tokenizer)
     pending: dict[tuple[int, int], list[tuple[Features, Record]]] = {}
 
     def flush(group: list[tuple[Features, Record]]) -> Iterator[dict[str, Any]]:
@@ -261,10 +292,9 @@ def predict(predictor: Predictor, examples: Iterable[Example], batch_size: int,
                 progress.update(1)
             yield {"video_id": features.video_id, **payload}
 
-    for example in examples:
-        features = featurize(example, predictor.cfg, token_fn, with_target=False)
+    for features, record in featurized(source, predictor.cfg, predictor.tokenizer, workers):
         key = features.grid_thw[1:]
-        pending.setdefault(key, []).append((features, example.record))
+        pending.setdefault(key, []).append((features, record))
         if len(pending[key]) == batch_size:
             yield from flush(pending.pop(key))
     for key in list(pending):
@@ -273,15 +303,20 @@ def predict(predictor: Predictor, examples: Iterable[Example], batch_size: int,
 
 def run(checkpoint: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 8,
         max_new_tokens: int | None = None, overrides: Sequence[str] | None = None, tokenizer: str | None = None,
-        step: int | None = None, max_chars: int = 100, progress: bool = True) -> int:
-    """Write one prediction line per video of the shard directory `data`; returns the count."""
+        step: int | None = None, max_chars: int = 100, progress: bool = True, workers: int | None = None) -> int:
+    """Write one prediction line per video of the shard directory `data`; returns the count.
+    workers: featurizing processes (default: the config's data.worker_count)."""
     from tqdm import tqdm
 
     cfg, params, tok = load_for_inference(checkpoint, overrides, tokenizer, step)
     predictor = Predictor(cfg, params, tok, max_new_tokens=max_new_tokens, max_chars=max_chars)
     mesh, shards = dict(predictor.mesh.shape), sharding.batch_shards(predictor.mesh)
-    split = f"each batch split {shards} ways" if batch_size % shards == 0 else \
-        f"batches of {batch_size} not split: (data x fsdp) = {shards} does not divide them"
+    if shards == 1:
+        split = "batches are not split (data x fsdp = 1)"
+    elif batch_size % shards:
+        split = f"batches of {batch_size} are not split: data x fsdp = {shards} does not divide them"
+    else:
+        split = f"each batch is split {shards} ways over (data, fsdp)"
     print(f"mesh {mesh}: {split}", file=sys.stderr)
     reader = ShardReader(data)
     out = Path(out)
@@ -289,7 +324,8 @@ def run(checkpoint: str | Path, data: str | Path, out: str | Path, *, batch_size
     count = 0
     with tqdm(total=len(reader), desc="infer", unit="video", disable=not progress, dynamic_ncols=True) as bar, \
             open(out, "w") as f:
-        for line in predict(predictor, reader, batch_size, bar):
+        workers = cfg.data.worker_count if workers is None else workers
+        for line in predict(predictor, reader, batch_size, bar, workers=workers):
             f.write(json.dumps(line) + "\n")
             f.flush()
             count += 1
@@ -307,12 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-chars", type=int, default=100, help="longest name, attribute or predicate")
     parser.add_argument("--step", type=int, default=None, help="a run directory's step (default: the latest)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes decoding frames and arranging tokens (default: data.worker_count)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     try:
         count = run(args.checkpoint, args.data, args.out, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, overrides=args.overrides, tokenizer=args.tokenizer,
-                    step=args.step, max_chars=args.max_chars)
+                    step=args.step, max_chars=args.max_chars, workers=args.workers)
     except (InferenceError, config_lib.ConfigError, constrained.GrammarError, TokenizerError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
