@@ -180,3 +180,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace):
     state = restore(run_dir, bad_step - 1)
     assert int(state["step"]) == bad_step - 1
     assert all(np.isfinite(np.asarray(v)).all() for v in traverse_util.flatten_dict(state["params"]).values())
+
+
+def test_init_from_takes_a_run_directory_or_a_converted_checkpoint(workspace, uninterrupted, tmp_path):
+    """A curriculum's second stage starts from the first stage's run directory (its latest step) or from
+    that checkpoint converted; parameters of another shape are refused, naming one."""
+    from traser_jax import config as config_lib
+    from traser_jax import optim
+    from traser_jax.config import ConfigError
+    from traser_jax.convert import save_checkpoint
+    from traser_jax.train import load_init_params
+
+    saved = restore(uninterrupted, NUM_STEPS)
+    expected = traverse_util.flatten_dict(optim.merge(saved["params"], saved["frozen"]))
+    cfg = config_lib.load(uninterrupted / "config.json", [f"train.init_from={uninterrupted}"])
+    from_run = load_init_params(cfg)
+    save_checkpoint(tmp_path / "converted", cfg, jax.device_get(from_run))
+    from_converted = load_init_params(config_lib.load(uninterrupted / "config.json",
+                                                      [f"train.init_from={tmp_path / 'converted'}"]))
+    for params in (from_run, from_converted):
+        flat = traverse_util.flatten_dict(params)
+        assert flat.keys() == expected.keys()
+        for key, value in expected.items():
+            np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(value), err_msg=str(key))
+    wider = config_lib.load(uninterrupted / "config.json", [f"train.init_from={uninterrupted}",
+                                                             "text.intermediate_size=128"])
+    with pytest.raises(ConfigError, match=r"train.init_from .*parameter llm/layers/.* has shape"):
+        load_init_params(wider)
+    with pytest.raises(ConfigError, match="train.init_from: .*neither a training run directory"):
+        load_init_params(config_lib.load(uninterrupted / "config.json", [f"train.init_from={tmp_path}"]))

@@ -142,7 +142,7 @@ class MeshConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/demo"
-    init_from: str = ""  # a checkpoint from `python -m traser_jax.convert from-hf`; empty: random init
+    init_from: str = ""  # a converted checkpoint (`traser_jax.convert from-hf`) or a run directory; empty: random init
     seed: int = 0
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from traser_jax import config as config_lib
@@ -309,10 +310,31 @@ def run(cfg: Config, *, progress: bool = True) -> list[dict[str, float]]:
 
 
 def load_init_params(cfg: Config) -> dict | None:
+    """The parameters `train.init_from` names: a converted checkpoint (`python -m traser_jax.convert`)
+    or a training run directory (its latest step; e.g. the first stage of a curriculum). Their shapes
+    must be the config's."""
     if not cfg.train.init_from:
         return None
-    from traser_jax.convert import load_checkpoint
-    _, params = load_checkpoint(cfg.train.init_from)
+    from traser_jax import infer  # imported here: infer builds on this module
+
+    path = Path(cfg.train.init_from)
+    try:
+        if infer.checkpoint_kind(path) == "run":
+            source = config_lib.load(path / "config.json")
+            _, params = infer.restore_run_params(path, source, make_mesh(source.mesh))
+        else:
+            from traser_jax.convert import load_checkpoint
+            _, params = load_checkpoint(path)
+    except infer.InferenceError as err:
+        raise config_lib.ConfigError(f"train.init_from: {err}") from err
+    want = traverse_util.flatten_dict(abstract_params(cfg, boxed=False))
+    got = traverse_util.flatten_dict(params)
+    for key in sorted(set(want) | set(got)):
+        shape_want = want[key].shape if key in want else None
+        shape_got = tuple(got[key].shape) if key in got else None
+        if shape_want != shape_got:
+            raise config_lib.ConfigError(f"train.init_from {path}: parameter {'/'.join(key)} has shape "
+                                         f"{shape_got}, the config needs {shape_want}")
     return params
 
 
