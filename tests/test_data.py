@@ -73,3 +73,10 @@ def test_featurize_asks_the_task_and_labels_its_answer(toy):
     asked = data_lib.featurize(example, cfg, token_fn, with_target=False).inputs.input_ids
     prefix, _ = tokens_lib.chat_texts(cfg.data.prompt)
     assert asked[:len(token_fn(prefix))].tolist() == token_fn(prefix)
+
+
+def test_the_tokenizer_refuses_a_bad_task_mix_before_reading_data(tmp_path):
+    cfg = config_lib.load("tiny", [f"data.train_dir={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'run'}",
+                                   "data.task_mix={captions: 1.0}"])
+    with pytest.raises(config_lib.ConfigError, match="unknown task 'captions'"):
+        data_lib.run_tokenizer(cfg)

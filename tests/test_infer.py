@@ -134,20 +134,14 @@ def test_run_directory_restores_only_the_parameters(setup):
         infer.restore_run_params(root / "run", cfg, mesh, step=3)
 
 
-def test_a_budget_below_the_shortest_output_is_refused(setup, capsys):
+@pytest.mark.parametrize("args, message", [(["--max-new-tokens", "5"], "max_new_tokens 5 is below"),
+                                           (["--workers", "-1"], "--workers must be >= 0, got -1")])
+def test_a_budget_below_the_shortest_output_or_a_negative_worker_count_is_refused(setup, capsys, args, message):
     root, _ = setup
     rc = infer.main(["--checkpoint", str(root / "converted"), "--data", str(root / "data"),
-                     "--out", str(root / "short.jsonl"), "--max-new-tokens", "5"])
+                     "--out", str(root / "refused.jsonl"), *args])
     assert rc == 2
-    assert "max_new_tokens 5 is below" in capsys.readouterr().err
-
-
-def test_a_negative_worker_count_is_refused(setup, capsys):
-    root, _ = setup
-    rc = infer.main(["--checkpoint", str(root / "converted"), "--data", str(root / "data"),
-                     "--out", str(root / "none.jsonl"), "--workers", "-1"])
-    assert rc == 2
-    assert "--workers must be >= 0, got -1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path):

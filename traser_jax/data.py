@@ -140,6 +140,7 @@ def run_tokenizer(cfg: Config) -> str:
     """The run's tokenizer.json: cfg.data.tokenizer, or a small BPE trained on the training
     targets and prompt texts, saved in the run directory. Writes its special-token ids
     into cfg.tokens."""
+    check_task_mix(cfg.data.task_mix)  # the BPE learns the mix's prompts
     path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.train.run_dir) / "tokenizer.json"
     if not path.exists():
         if cfg.data.tokenizer:

@@ -196,12 +196,15 @@ class Predictor:
 
         return step
 
-    def input_sharding(self, ndim: int, batch_size: int) -> jax.sharding.NamedSharding:
+    def splits(self, batch_size: int) -> bool:
         """A batch splits over the mesh's (data, fsdp) axes, as in training, when they divide it;
         otherwise every device decodes the whole batch."""
-        if batch_size % sharding.batch_shards(self.mesh):
-            return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return sharding.batch_sharding(self.mesh, ndim)
+        return batch_size % sharding.batch_shards(self.mesh) == 0
+
+    def input_sharding(self, ndim: int, batch_size: int) -> jax.sharding.NamedSharding:
+        if self.splits(batch_size):
+            return sharding.batch_sharding(self.mesh, ndim)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
     def check_budget(self, video_id: str, num_objects: int) -> None:
         need = self.grammar.min_new_tokens(num_objects)
@@ -266,9 +269,9 @@ def featurized(source: Sequence[Example], cfg: Config, tokenizer: TraserTokenize
                workers: int = 0) -> Iterator[tuple[Features, Record]]:
     """(Features, Record) of each example in order; frames decoded and tokens arranged in `workers`
     processes (0: in this one) while the accelerator decodes."""
-    fn = FeaturizeVideo(cfg, tokenizer)
     if workers < 0:
         raise InferenceError(f"--workers must be >= 0, got {workers}")
+    fn = FeaturizeVideo(cfg, tokenizer)
     if workers == 0:
         return map(fn, source)
     import grain
@@ -310,21 +313,18 @@ def run(checkpoint: str | Path, data: str | Path, out: str | Path, *, batch_size
 
     cfg, params, tok = load_for_inference(checkpoint, overrides, tokenizer, step)
     predictor = Predictor(cfg, params, tok, max_new_tokens=max_new_tokens, max_chars=max_chars)
-    mesh, shards = dict(predictor.mesh.shape), sharding.batch_shards(predictor.mesh)
-    if shards == 1:
-        split = "batches are not split (data x fsdp = 1)"
-    elif batch_size % shards:
-        split = f"batches of {batch_size} are not split: data x fsdp = {shards} does not divide them"
-    else:
-        split = f"each batch is split {shards} ways over (data, fsdp)"
-    print(f"mesh {mesh}: {split}", file=sys.stderr)
+    shards = sharding.batch_shards(predictor.mesh)
+    split = ("batches are not split (data x fsdp = 1)" if shards == 1 else
+             f"each batch is split {shards} ways over (data, fsdp)" if predictor.splits(batch_size) else
+             f"batches of {batch_size} are not split: data x fsdp = {shards} does not divide them")
+    print(f"mesh {dict(predictor.mesh.shape)}: {split}", file=sys.stderr)
+    workers = cfg.data.worker_count if workers is None else workers
     reader = ShardReader(data)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with tqdm(total=len(reader), desc="infer", unit="video", disable=not progress, dynamic_ncols=True) as bar, \
             open(out, "w") as f:
-        workers = cfg.data.worker_count if workers is None else workers
         for line in predict(predictor, reader, batch_size, bar, workers=workers):
             f.write(json.dumps(line) + "\n")
             f.flush()
