@@ -21,7 +21,7 @@ from traser_jax import config as config_lib
 from traser_jax import convert
 from traser_jax import tokens as tk
 from traser_jax import video_input
-from traser_jax.model import Traser
+from traser_jax.model import Traser, check_shapes
 from traser_jax.torch_reference import TraserReference
 
 BUCKETS = ["tokens.bucket_selected=[512, 1024]", "tokens.bucket_length=[1024, 4096]",
@@ -201,3 +201,12 @@ def test_attention_impl_from_config_gives_the_same_logits(setup):
     config_lib.apply_overrides(xla_cfg, ["train.attention_impl=flash"])
     with pytest.raises(config_lib.ConfigError, match="attention_impl 'flash'.*einsum, xla, cudnn"):
         Traser(xla_cfg).apply({"params": params}, patches.pixel_values, **statics, **args)
+
+
+def test_special_token_past_the_vocabulary_is_refused():
+    """A vocab_size override below the special ids (the real Qwen ids with a small table) is a ConfigError
+    naming the ids; without the check the lookup would quietly give NaN embeddings."""
+    cfg = config_lib.load("traser_3b", ["text.vocab_size=4096"])
+    with pytest.raises(config_lib.ConfigError, match=r"tokens.vision_start_id.*151652.*text.vocab_size 4096"):
+        check_shapes(cfg)
+    check_shapes(config_lib.load("traser_3b"))

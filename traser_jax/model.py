@@ -59,6 +59,13 @@ def check_shapes(cfg: Config) -> None:
     if cfg.train.attention_impl not in ATTENTION_IMPLS:
         raise config_lib.ConfigError(f"train.attention_impl {cfg.train.attention_impl!r}: expected one of "
                                      f"{', '.join(ATTENTION_IMPLS)}")
+    # An id past the table would be looked up as NaN (jnp.take fills out-of-range rows), not refused.
+    special = {f"tokens.{name}": getattr(cfg.tokens, name) for name in
+               ("vision_start_id", "vision_end_id", "video_token_id", "obj_traj_start_id", "obj_traj_end_id")}
+    outside = {name: i for name, i in special.items() if not 0 <= i < cfg.text.vocab_size}
+    if outside:
+        raise config_lib.ConfigError(f"special token ids {outside} lie outside text.vocab_size "
+                                     f"{cfg.text.vocab_size}")
 
 
 def _batched(x: jax.Array) -> jax.Array:

@@ -126,6 +126,7 @@ NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+              kv_lengths: jax.Array | None = None, causal: bool = False,
               return_weights: bool = False, impl: str = "einsum") -> jax.Array | tuple[jax.Array, jax.Array]:
     """Grouped-query softmax attention.
 
@@ -135,6 +136,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     [..., H, Q, K] with return_weights). Logits and softmax run in float32; a masked
     key gets exactly zero weight. impl "einsum" materialises the weights; "xla" and
     "cudnn" call jax.nn.dot_product_attention (cudnn: fused on NVIDIA GPUs).
+
+    kv_lengths [...] (with `causal`): the caller's statement that `mask` is exactly "key < its
+    length" (right padding), and-ed with "key <= query" when causal. The fused implementations then
+    take the lengths and the causal flag instead of a mask tensor, so cuDNN skips the masked
+    blocks and reads no bias; einsum always uses `mask`.
     """
     *batch, nq, heads, dim = q.shape
     kv_heads = k.shape[-2]
@@ -146,8 +152,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
             raise ValueError("attention weights need impl='einsum'")
         flat = int(np.prod(batch)) if batch else 1
         q4, k4, v4 = (t.reshape(flat, *t.shape[len(batch):]) for t in (q, k, v))
-        m4 = None if mask is None else jnp.broadcast_to(mask, (*batch, nq, k.shape[-3])).reshape(
-            flat, 1, nq, k.shape[-3])
+        if kv_lengths is not None:
+            lengths = jnp.broadcast_to(kv_lengths, tuple(batch)).reshape(flat).astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q4, k4, v4, scale=scale, is_causal=causal,
+                                               key_value_seq_lengths=lengths, implementation=impl)
+            return out.reshape(q.shape)
+        m4 = None
+        if mask is not None:
+            # cuDNN turns the mask into a bias that must be full-size per head: its vmap rule
+            # reshapes it to [batch, heads, Q, K] and fails on a head axis of 1.
+            m4 = jnp.broadcast_to(mask, (*batch, nq, k.shape[-3])).reshape(flat, 1, nq, k.shape[-3])
+            if impl == "cudnn":
+                m4 = jnp.broadcast_to(m4, (flat, heads, nq, k.shape[-3]))
         out = jax.nn.dot_product_attention(q4, k4, v4, mask=m4, scale=scale, implementation=impl)
         return out.reshape(q.shape)
     if impl not in ATTENTION_IMPLS:

@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "einsum"
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    def __call__(self, x, cos, sin, mask, kv_lengths, layer_cache, cache_index):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd = head_dim(cfg)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
@@ -68,7 +68,8 @@ class DecoderLayer(nn.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
-        out = attention(q, k, v, mask, impl=self.attention_impl)
+        out = attention(q, k, v, mask, kv_lengths=kv_lengths, causal=kv_lengths is not None,
+                        impl=self.attention_impl)
         x = x + dense(cfg.hidden_size, [sh.HEADS, sh.HEAD_DIM], [sh.EMBED], axis=(-2, -1), use_bias=False,
                       name="o_proj", **kw)(out)
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
@@ -91,7 +92,7 @@ class TextDecoder(nn.Module):
                              f"{cfg.num_kv_heads}: need hidden % heads == 0 and heads % kv_heads == 0")
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                      embedding_init=normal_init((sh.VOCAB, sh.EMBED)), name="embed_tokens")
-        blocks = scanned(DecoderLayer, cfg.num_layers, self.remat, in_axes=(nn.broadcast,) * 3 + (0, nn.broadcast))
+        blocks = scanned(DecoderLayer, cfg.num_layers, self.remat, in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast))
         self.layers = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
         if not cfg.tie_word_embeddings:
@@ -112,7 +113,8 @@ class TextDecoder(nn.Module):
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                  cache: Cache | None = None, cache_index: jax.Array | int | None = None,
                  return_hidden: bool = False) -> tuple[jax.Array, Cache | None]:
-        """embeds [B, S, D], positions [B, S] int, attention_mask [B, S] (1 = real token).
+        """embeds [B, S, D], positions [B, S] int, attention_mask [B, S] (1 = real token; without a cache,
+        padding is on the right, as `tokens.pad_to` gives).
 
         Returns (logits [B, S, vocab] float32, or the final hidden states with return_hidden; new cache or None).
         """
@@ -126,6 +128,7 @@ class TextDecoder(nn.Module):
         if cache is None:
             causal = jnp.tril(jnp.ones((length, length), bool))
             mask = causal[None] & valid[:, None, :]
+            kv_lengths = valid.sum(-1)  # the mask as lengths for the fused kernels: padding is on the right
             layer_cache, new_cache = None, None
         else:
             if cache_index is None:
@@ -135,9 +138,10 @@ class TextDecoder(nn.Module):
             slots = jnp.arange(max_len)
             causal = slots[None, :] <= (cache_index + jnp.arange(length))[:, None]  # [S, max_len]
             mask = causal[None] & key_valid[:, None, :]
+            kv_lengths = None
             layer_cache = (cache["k"], cache["v"])
         x = nn.with_logical_constraint(embeds.astype(self.dtype), (sh.ACT_BATCH, sh.ACT_LENGTH, sh.ACT_EMBED))
-        x, kv = self.layers(x, cos, sin, mask, layer_cache, cache_index)
+        x, kv = self.layers(x, cos, sin, mask, kv_lengths, layer_cache, cache_index)
         if cache is not None:
             new_cache = {"k": kv[0], "v": kv[1], "mask": key_valid}
         x = self.norm(x)

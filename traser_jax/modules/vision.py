@@ -110,9 +110,9 @@ def vision_rope(positions: np.ndarray, head_dim: int) -> tuple[np.ndarray, np.nd
 
 def grouped_attention(q, k, v, groups: jax.Array, inverse: jax.Array, impl: str) -> jax.Array:
     """Attention within each group of a padded [G, L] index block; q, k, v [N, H, d] -> [N, H, d]."""
-    valid = groups >= 0
+    valid = groups >= 0  # each row's valid entries come first (vision_layout's _groups)
     idx = jnp.maximum(groups, 0)
-    out = attention(q[idx], k[idx], v[idx], valid[:, None, :], impl=impl)  # [G, L, H, d]
+    out = attention(q[idx], k[idx], v[idx], valid[:, None, :], kv_lengths=valid.sum(-1), impl=impl)  # [G, L, H, d]
     return out.reshape(-1, *out.shape[2:])[inverse]
 
 
