@@ -219,3 +219,34 @@ def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, caps
     assert collapsed["latent_spread"] < 0.01 < report["latent_spread"]
     with pytest.raises(ValueError, match="at least 2 videos"):
         grounding.grounding_report(run_cfg, params, {k: v[:1] for k, v in batch.items()})
+
+
+def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
+    """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
+    step time and the FLOP count, the breakdown parts add up to the step, and with --baseline the
+    ratios use the baseline script's JSON lines (here a script the test writes, standing in for the
+    CUDA-only PyTorch one with its output format)."""
+    script = tmp_path / "baseline.py"
+    script.write_text(
+        "import json, sys\n"
+        "a = sys.argv\n"
+        "seq = int(a[a.index('--seq') + 1])\n"
+        "print(json.dumps({'what': 'hf_qwen25vl3b_lm_train_step', 'seq': seq, 'step_s': 0.5,"
+        " 'tokens_per_s': seq / 0.5}))\n"
+        "print(json.dumps({'what': 'hf_qwen25vl_vision_forward', 'forward_s': 0.25, 'frames_per_s': 16.0}))\n")
+    out = tmp_path / "report.json"
+    argv = ["--config", "tiny", "--seq", "400", "--frames", "4", "--res", "112", "--objects", "2", "--steps", "2",
+            "--breakdown", "--baseline", "--baseline-script", str(script), "--out", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["tokens_per_s"] == pytest.approx(400 / report["step_s"], rel=1e-3)
+    assert report["mfu"] == pytest.approx(report["model_flops_per_step"] / report["step_s"]
+                                          / (report["peak_tflops_per_device"] * 1e12), rel=0.01)
+    parts = report["breakdown_s"]
+    assert parts["forward"] > 0 and parts["forward"] + parts["backward"] + parts["optimizer"] == pytest.approx(
+        report["step_s"], abs=1e-4)
+    assert report["tokens_per_s_vs_baseline"] == pytest.approx(report["tokens_per_s"] / 800, rel=1e-3)
+    assert report["baseline_lm_plus_vision_tokens_per_s"] == pytest.approx(400 / 0.75, rel=1e-3)
+    assert report["vision_frames_per_s_vs_baseline"] == pytest.approx(report["vision_frames_per_s"] / 16, rel=1e-3)
+    assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2

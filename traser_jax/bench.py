@@ -259,6 +259,33 @@ def time_vision_forward(cfg: Config, params: dict, pixel_values: np.ndarray, gri
     return statistics.median(times)
 
 
+def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
+    """Median seconds of the step's forward alone (loss of the whole batch) and of forward + backward
+    (`Trainer.loss_and_grads`: no update); with the step time they split a step into forward, backward
+    and optimizer."""
+    from traser_jax import optim
+    from traser_jax.train import forward, statics_of, token_loss
+
+    statics = statics_of(batch_np)
+
+    def median_s(fn):
+        jax.block_until_ready(fn())  # compiles
+        times = []
+        for _ in range(max(steps, 1)):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with trainer.context():
+        batch = trainer.put_batch(batch_np)
+        loss = jax.jit(lambda p, f, b: token_loss(forward(trainer.model, optim.merge(p, f), b, statics),
+                                                  b["labels"]))
+        forward_s = median_s(lambda: loss(state["params"], state["frozen"], batch))
+    forward_backward_s = median_s(lambda: trainer.loss_and_grads(state, batch_np))
+    return {"forward_s": forward_s, "forward_backward_s": forward_backward_s}
+
+
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
                  peak_tflops: float | None) -> list[dict[str, Any]]:
     """The PyTorch baseline's JSON lines (run it before JAX takes the GPU)."""
@@ -278,7 +305,7 @@ def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, r
 # -- main --------------------------------------------------------------------------------------
 
 def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int, batch: int,
-          steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+          steps: int, warmup: int, seed: int = 0, breakdown: bool = False) -> dict[str, Any]:
     """Measure and return the report (one JSON object)."""
     from traser_jax import optim
     from traser_jax.train import Trainer
@@ -312,6 +339,12 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
         "mfu": None if peak is None else round(flops["total"] / step_s / (peak * len(devices)), 4),
         "vision_forward_s": round(vision_s, 5), "vision_frames_per_s": round(frames / vision_s, 2),
     }
+    if breakdown:
+        parts = time_breakdown(trainer, state, batch_np, steps)
+        report["breakdown_s"] = {"vision_forward": round(vision_s, 5),
+                                 "forward": round(parts["forward_s"], 5),
+                                 "backward": round(parts["forward_backward_s"] - parts["forward_s"], 5),
+                                 "optimizer": round(step_s - parts["forward_backward_s"], 5)}
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         report["peak_mem_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 2)
@@ -329,8 +362,13 @@ def human_line(r: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:,.0f} tokens/s (batch {r['batch']} x seq {r['seq']}), "
             f"{r['achieved_tflops']:.3g} TFLOP/s = MFU {mfu} of {peak} ({r['peak_source']}); "
             f"vision tower {r['vision_frames_per_s']:.1f} frames/s")
+    if "breakdown_s" in r:
+        line += "; " + ", ".join(f"{k} {v:.3f} s" for k, v in r["breakdown_s"].items())
     if "tokens_per_s_vs_baseline" in r:
         line += f"; {r['tokens_per_s_vs_baseline']:.2f}x the PyTorch baseline's tokens/s"
+    if "tokens_per_s_vs_baseline_lm_plus_vision" in r:
+        line += (f" ({r['tokens_per_s_vs_baseline_lm_plus_vision']:.2f}x its LM step plus vision forward, "
+                 f"the same work)")
     return line
 
 
@@ -348,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the forward alone and forward + backward: breakdown_s splits the step "
+                             "into forward (vision tower included), backward and optimizer")
     parser.add_argument("--baseline", action="store_true",
                         help="first run the PyTorch baseline (GPU) with the same seq / frames / res")
     parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
@@ -372,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"baseline: {json.dumps(line)}", file=sys.stderr, flush=True)
     try:
         report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
-                       object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup, seed=args.seed)
+                       object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup, seed=args.seed,
+                       breakdown=args.breakdown)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

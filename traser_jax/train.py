@@ -155,7 +155,7 @@ def make_train_step(model: Traser, tx: optax.GradientTransformation, accum: int)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
 
     return step
 
