@@ -75,10 +75,26 @@ def cli_predictions(setup):
 
 
 def test_every_prediction_is_a_valid_scene_graph_of_its_video(setup, cli_predictions):
+    assert_valid_predictions(*setup, cli_predictions)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_decodes_valid_scene_graphs_on_gpu(setup):
+    """train.attention_impl=cudnn (bf16) through the whole CLI: the vision groups and the prefill with
+    key lengths, the cached decoding steps with a mask broadcast over the heads."""
     root, cfg = setup
+    out = root / "pred_cudnn.jsonl"
+    assert infer.main(["--checkpoint", str(root / "run"), "--data", str(root / "data"), "--out", str(out),
+                       "--batch-size", "2", "--max-new-tokens", str(MAX_NEW), "--max-chars", str(MAX_CHARS),
+                       "--workers", "0", "train.attention_impl=cudnn", "train.compute_dtype=bfloat16"]) == 0
+    assert_valid_predictions(root, cfg, [json.loads(line) for line in out.read_text().splitlines()])
+
+
+def assert_valid_predictions(root, cfg, predictions):
+    """One prediction per video, numbering the kept objects, valid in the TRASER format, some with relations."""
     reader = ShardReader(root / "data")
-    assert sorted(p["video_id"] for p in cli_predictions) == sorted(reader.ids())
-    by_id = {p["video_id"]: p for p in cli_predictions}
+    assert sorted(p["video_id"] for p in predictions) == sorted(reader.ids())
+    by_id = {p["video_id"]: p for p in predictions}
     tok = tokens_lib.as_token_fn(data_lib.load_tokenizer(root / "run" / "tokenizer.json"))
     capped = relations = 0
     for example in reader:

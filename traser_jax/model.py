@@ -59,6 +59,9 @@ def check_shapes(cfg: Config) -> None:
     if cfg.train.attention_impl not in ATTENTION_IMPLS:
         raise config_lib.ConfigError(f"train.attention_impl {cfg.train.attention_impl!r}: expected one of "
                                      f"{', '.join(ATTENTION_IMPLS)}")
+    if cfg.train.attention_impl == "cudnn" and cfg.train.compute_dtype not in ("bfloat16", "float16"):
+        raise config_lib.ConfigError(f"train.attention_impl cudnn needs train.compute_dtype bfloat16 or "
+                                     f"float16 (cuDNN's fused attention), not {cfg.train.compute_dtype!r}")
     # An id past the table would be looked up as NaN (jnp.take fills out-of-range rows), not refused.
     special = {f"tokens.{name}": getattr(cfg.tokens, name) for name in
                ("vision_start_id", "vision_end_id", "video_token_id", "obj_traj_start_id", "obj_traj_end_id")}
