@@ -239,7 +239,8 @@ def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, caps
 
 def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
     """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
-    step time and the FLOP count, the breakdown parts add up to the step, and with --baseline the
+    step time and the FLOP count, the breakdown parts add up to the step, --profile leaves a trace and
+    lists its heaviest ops, and with --baseline the
     ratios use the baseline script's JSON lines (here a script the test writes, standing in for the
     CUDA-only PyTorch one with its output format)."""
     script = tmp_path / "baseline.py"
@@ -252,7 +253,8 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
         "print(json.dumps({'what': 'hf_qwen25vl_vision_forward', 'forward_s': 0.25, 'frames_per_s': 16.0}))\n")
     out = tmp_path / "report.json"
     argv = ["--config", "tiny", "--seq", "400", "--frames", "4", "--res", "112", "--objects", "2", "--steps", "2",
-            "--breakdown", "--baseline", "--baseline-script", str(script), "--out", str(out)]
+            "--breakdown", "--profile", str(tmp_path / "trace"), "--baseline", "--baseline-script", str(script),
+            "--out", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -262,6 +264,10 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     parts = report["breakdown_s"]
     assert parts["forward"] > 0 and parts["forward"] + parts["backward"] + parts["optimizer"] == pytest.approx(
         report["step_s"], abs=1e-4)
+    top = report["profile_top"]  # the traced steps' heaviest XLA ops, heaviest first
+    assert len(top) >= 5 and all(row["ms_per_step"] > 0 and 0 < row["share_of_lane"] <= 1 for row in top)
+    assert [row["ms_per_step"] for row in top] == sorted((row["ms_per_step"] for row in top), reverse=True)
+    assert list((tmp_path / "trace").glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert report["tokens_per_s_vs_baseline"] == pytest.approx(report["tokens_per_s"] / 800, rel=1e-3)
     assert report["baseline_lm_plus_vision_tokens_per_s"] == pytest.approx(400 / 0.75, rel=1e-3)
     assert report["vision_frames_per_s_vs_baseline"] == pytest.approx(report["vision_frames_per_s"] / 16, rel=1e-3)

@@ -28,6 +28,9 @@ Model FLOPs per step (what the model needs, not what the implementation spends):
 MFU = model FLOPs / step time / (peak FLOP/s per device x devices). Peak: bf16 dense
 by device kind (PEAK_FLOPS); on CPU, measured with a float32 matmul (`cpu_peak_flops`).
 
+`--breakdown` also times the forward alone and forward + backward (forward / backward / optimizer
+seconds); `--profile DIR` traces 3 more steps with jax.profiler and lists the heaviest device ops.
+
 `--baseline` first runs ../shared/bench/hf_torch_baseline.py (Hugging Face PyTorch
 Qwen2.5-VL-3B language model train step and vision tower forward, CUDA only) with the
 same sequence length, frames and resolution, before JAX claims the GPU, and reports
@@ -286,6 +289,57 @@ def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
     return {"forward_s": forward_s, "forward_backward_s": forward_backward_s}
 
 
+def profile_steps(trainer, state, batch_np, out_dir: Path, steps: int = 3) -> tuple[Any, list[dict[str, Any]]]:
+    """`steps` train steps under jax.profiler (a TensorBoard / Perfetto trace in `out_dir`); returns the
+    state and the trace's heaviest events (`trace_summary`)."""
+    with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = trainer.step(state, batch_np)
+            jax.block_until_ready(metrics)
+    traces = sorted(Path(out_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
+    return state, trace_summary(traces[-1], steps) if traces else []
+
+
+def trace_summary(trace_path: Path, steps: int, top: int = 25) -> list[dict[str, Any]]:
+    """The `top` events by total time per step in a Perfetto trace, over the device lanes (processes
+    named /device:...; on CPU, XLA's own threads), each with its lane and share of its lane's time."""
+    import gzip
+
+    trace = json.loads(gzip.open(trace_path).read())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    on_device = any(name.startswith("/device:") for name in processes.values())
+
+    def lane(e) -> str | None:
+        process, thread = processes.get(e["pid"], ""), threads.get((e["pid"], e.get("tid")), "")
+        if on_device:
+            return f"{process} {thread}" if process.startswith("/device:") else None
+        return thread if thread.startswith("tf_XLA") else None
+
+    totals: dict[tuple[str, str], float] = {}
+    source: dict[tuple[str, str], str] = {}  # the JAX op path, where the trace carries one (GPU, TPU)
+    for e in events:
+        name = lane(e) if e.get("ph") == "X" else None
+        if name is not None:
+            key = (name, e["name"])
+            totals[key] = totals.get(key, 0.0) + float(e.get("dur", 0.0))
+            args = e.get("args") or {}
+            if key not in source and (args.get("tf_op") or args.get("long_name")):
+                source[key] = str(args.get("tf_op") or args.get("long_name"))[:300]
+    per_lane: dict[str, float] = {}
+    for (name, _), us in totals.items():
+        per_lane[name] = per_lane.get(name, 0.0) + us
+    heaviest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [{"lane": name, "event": event, "ms_per_step": round(us / 1e3 / steps, 3),
+             "share_of_lane": round(us / per_lane[name], 4), "source": source.get((name, event), "")}
+            for (name, event), us in heaviest]
+
+
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
                  peak_tflops: float | None) -> list[dict[str, Any]]:
     """The PyTorch baseline's JSON lines (run it before JAX takes the GPU)."""
@@ -305,7 +359,8 @@ def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, r
 # -- main --------------------------------------------------------------------------------------
 
 def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int, batch: int,
-          steps: int, warmup: int, seed: int = 0, breakdown: bool = False) -> dict[str, Any]:
+          steps: int, warmup: int, seed: int = 0, breakdown: bool = False,
+          profile_dir: Path | None = None) -> dict[str, Any]:
     """Measure and return the report (one JSON object)."""
     from traser_jax import optim
     from traser_jax.train import Trainer
@@ -345,6 +400,9 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
                                  "forward": round(parts["forward_s"], 5),
                                  "backward": round(parts["forward_backward_s"] - parts["forward_s"], 5),
                                  "optimizer": round(step_s - parts["forward_backward_s"], 5)}
+    if profile_dir is not None:
+        state, report["profile_top"] = profile_steps(trainer, state, batch_np, profile_dir)
+        report["profile_dir"] = str(profile_dir)
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         report["peak_mem_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 2)
@@ -389,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the forward alone and forward + backward: breakdown_s splits the step "
                              "into forward (vision tower included), backward and optimizer")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also trace 3 steps with jax.profiler into DIR (TensorBoard / Perfetto) and report "
+                             "the heaviest device events as profile_top")
     parser.add_argument("--baseline", action="store_true",
                         help="first run the PyTorch baseline (GPU) with the same seq / frames / res")
     parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
@@ -414,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
                        object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup, seed=args.seed,
-                       breakdown=args.breakdown)
+                       breakdown=args.breakdown, profile_dir=Path(args.profile) if args.profile else None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -432,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["tokens_per_s_vs_baseline_lm_plus_vision"] = round(report["tokens_per_s"] / same_work, 3)
     print(json.dumps(report))
     print(human_line(report), file=sys.stderr)
+    for row in report.get("profile_top", []):
+        print(f"  {row['ms_per_step']:9.3f} ms/step {100 * row['share_of_lane']:5.1f}%  {row['event'][:80]}  "
+              f"[{row['lane']}] {row['source'][:120]}", file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
