@@ -272,3 +272,31 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert report["baseline_lm_plus_vision_tokens_per_s"] == pytest.approx(400 / 0.75, rel=1e-3)
     assert report["vision_frames_per_s_vs_baseline"] == pytest.approx(report["vision_frames_per_s"] / 16, rel=1e-3)
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
+
+
+def test_trace_summary_counts_leaf_device_events_per_step(tmp_path):
+    """bench.trace_summary on a Perfetto trace the test writes (device lanes as a GPU trace names them):
+    an enclosing wrapper keeps only its self time, host lanes do not count; time is per step and lane."""
+    import gzip
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "XLA Ops"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "python"}}]
+    ops = []
+    for step in range(2):  # a wrapper around fusion.1 and dot.2, then fusion.1 again
+        t = 1000.0 * step
+        ops += [{"ph": "X", "pid": 1, "tid": 7, "name": "wrapper", "ts": t, "dur": 45.0},
+                {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "ts": t + 1, "dur": 30.0,
+                 "args": {"tf_op": "jit(step)/transpose(jvp(llm))/log_softmax"}},
+                {"ph": "X", "pid": 1, "tid": 7, "name": "dot.2", "ts": t + 32, "dur": 10.0},
+                {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "ts": t + 50, "dur": 20.0},
+                {"ph": "X", "pid": 2, "tid": 1, "name": "host_only", "ts": t, "dur": 500.0}]
+    path = tmp_path / "perfetto_trace.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": meta + ops}).encode()))
+    rows = bench.trace_summary(path, steps=2)
+    # per step: fusion.1 30 + 20 us, dot.2 10 us, the wrapper 45 - 30 - 10 = 5 us of its own; 65 us in all
+    assert [(r["event"], r["ms_per_step"], r["share_of_lane"]) for r in rows] == [
+        ("fusion.1", 0.05, 0.7692), ("dot.2", 0.01, 0.1538), ("wrapper", 0.005, 0.0769)]
+    assert rows[0]["lane"] == "/device:GPU:0 XLA Ops"
+    assert rows[0]["source"] == "jit(step)/transpose(jvp(llm))/log_softmax" and rows[1]["source"] == ""

@@ -72,6 +72,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v6 lite", 918e12),  # v6e (Trillium)
 )
 BASELINE_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "bench" / "hf_torch_baseline.py"
+IDLE_EVENTS = ("wait for completion", "::Await")  # XLA CPU's client and thread pool waiting on ops
 TEXT_ID_OFFSET = 10  # synthetic text ids start past the small tokenizers' special ids
 
 
@@ -301,8 +302,9 @@ def profile_steps(trainer, state, batch_np, out_dir: Path, steps: int = 3) -> tu
 
 
 def trace_summary(trace_path: Path, steps: int, top: int = 25) -> list[dict[str, Any]]:
-    """The `top` events by total time per step in a Perfetto trace, over the device lanes (processes
-    named /device:...; on CPU, XLA's own threads), each with its lane and share of its lane's time."""
+    """The `top` events by total self time per step in a Perfetto trace, over the device lanes
+    (processes named /device:...; on CPU, XLA's own threads), each with its lane and share of its
+    lane's time."""
     import gzip
 
     trace = json.loads(gzip.open(trace_path).read())
@@ -321,13 +323,19 @@ def trace_summary(trace_path: Path, steps: int, top: int = 25) -> list[dict[str,
             return f"{process} {thread}" if process.startswith("/device:") else None
         return thread if thread.startswith("tf_XLA") else None
 
+    by_lane: dict[str, list[dict]] = {}
+    for e in events:
+        # Zero-length markers and a thread waiting for its workers are not work.
+        work = e.get("ph") == "X" and float(e.get("dur", 0.0)) > 0 and not any(w in e["name"] for w in IDLE_EVENTS)
+        name = lane(e) if work else None
+        if name is not None:
+            by_lane.setdefault(name, []).append(e)
     totals: dict[tuple[str, str], float] = {}
     source: dict[tuple[str, str], str] = {}  # the JAX op path, where the trace carries one (GPU, TPU)
-    for e in events:
-        name = lane(e) if e.get("ph") == "X" else None
-        if name is not None:
+    for name, lane_events in by_lane.items():
+        for e, self_us in _self_times(lane_events):
             key = (name, e["name"])
-            totals[key] = totals.get(key, 0.0) + float(e.get("dur", 0.0))
+            totals[key] = totals.get(key, 0.0) + self_us
             args = e.get("args") or {}
             if key not in source and (args.get("tf_op") or args.get("long_name")):
                 source[key] = str(args.get("tf_op") or args.get("long_name"))[:300]
@@ -338,6 +346,22 @@ def trace_summary(trace_path: Path, steps: int, top: int = 25) -> list[dict[str,
     return [{"lane": name, "event": event, "ms_per_step": round(us / 1e3 / steps, 3),
              "share_of_lane": round(us / per_lane[name], 4), "source": source.get((name, event), "")}
             for (name, event), us in heaviest]
+
+
+def _self_times(events: list[dict]) -> list[tuple[dict, float]]:
+    """Each event of one lane with its self time: its duration less that of the events directly
+    inside it (an executor's wrapper keeps only its own overhead, an op loses its end marker)."""
+    ordered = sorted(events, key=lambda e: (float(e["ts"]), -float(e["dur"])))
+    out, open_ = [], []  # open_: [event, self time] of the enclosing events, innermost last
+    for e in ordered:
+        start = float(e["ts"])
+        while open_ and float(open_[-1][0]["ts"]) + float(open_[-1][0]["dur"]) <= start:
+            out.append(tuple(open_.pop()))
+        if open_:
+            open_[-1][1] -= float(e["dur"])
+        open_.append([e, float(e["dur"])])
+    out.extend(tuple(x) for x in open_)
+    return out
 
 
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
