@@ -240,7 +240,7 @@ def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, caps
 def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
     """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
     step time and the FLOP count, the breakdown parts add up to the step, --profile leaves a trace and
-    lists its heaviest ops, and with --baseline the
+    lists its heaviest ops, --lm-step trains the decoder alone from its init loss, and with --baseline the
     ratios use the baseline script's JSON lines (here a script the test writes, standing in for the
     CUDA-only PyTorch one with its output format)."""
     script = tmp_path / "baseline.py"
@@ -253,8 +253,8 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
         "print(json.dumps({'what': 'hf_qwen25vl_vision_forward', 'forward_s': 0.25, 'frames_per_s': 16.0}))\n")
     out = tmp_path / "report.json"
     argv = ["--config", "tiny", "--seq", "400", "--frames", "4", "--res", "112", "--objects", "2", "--steps", "2",
-            "--breakdown", "--profile", str(tmp_path / "trace"), "--baseline", "--baseline-script", str(script),
-            "--out", str(out)]
+            "--breakdown", "--profile", str(tmp_path / "trace"), "--lm-step", "--baseline", "--baseline-script",
+            str(script), "--out", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -270,6 +270,13 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert list((tmp_path / "trace").glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert report["tokens_per_s_vs_baseline"] == pytest.approx(report["tokens_per_s"] / 800, rel=1e-3)
     assert report["baseline_lm_plus_vision_tokens_per_s"] == pytest.approx(400 / 0.75, rel=1e-3)
+    lm = report["lm_step"]  # the decoder alone on random tokens: at init its loss is about ln(vocab)
+    assert abs(lm["loss"] - np.log(512)) < 0.5
+    assert lm["tokens_per_s"] == pytest.approx(400 / lm["step_s"], rel=1e-3)
+    decoder_flops = sum(bench.decoder_flops(config_lib.load("tiny"), 400, 1).values())
+    assert lm["model_flops_per_step"] == pytest.approx(decoder_flops, rel=1e-3)
+    assert lm["mfu"] == pytest.approx(decoder_flops / lm["step_s"] / (report["peak_tflops_per_device"] * 1e12), rel=0.01)
+    assert lm["tokens_per_s_vs_baseline"] == pytest.approx(lm["tokens_per_s"] / 800, rel=1e-3)
     assert report["vision_frames_per_s_vs_baseline"] == pytest.approx(report["vision_frames_per_s"] / 16, rel=1e-3)
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
 

@@ -29,7 +29,8 @@ MFU = model FLOPs / step time / (peak FLOP/s per device x devices). Peak: bf16 d
 by device kind (PEAK_FLOPS); on CPU, measured with a float32 matmul (`cpu_peak_flops`).
 
 `--breakdown` also times the forward alone and forward + backward (forward / backward / optimizer
-seconds); `--profile DIR` traces 3 more steps with jax.profiler and lists the heaviest device ops.
+seconds); `--profile DIR` traces 3 more steps with jax.profiler and lists the heaviest device ops;
+`--lm-step` also times the decoder alone, as the PyTorch baseline trains its language model.
 
 `--baseline` first runs ../shared/bench/hf_torch_baseline.py (Hugging Face PyTorch
 Qwen2.5-VL-3B language model train step and vision tower forward, CUDA only) with the
@@ -364,6 +365,57 @@ def _self_times(events: list[dict]) -> list[tuple[dict, float]]:
     return out
 
 
+def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, peak: float | None,
+                 seed: int = 0) -> dict[str, Any]:
+    """The decoder alone, trained as the PyTorch baseline trains its language model: `batch` x `seq`
+    random token ids, next-token loss on every position, the training optimizer over the decoder (its
+    `llm` group), the config's dtypes, remat and attention; one device. Median seconds of `steps`
+    steps after `warmup`, tokens/s, and MFU over the decoder's model FLOPs against `peak` FLOP/s."""
+    import flax.linen as nn
+    import optax
+
+    from traser_jax import optim
+    from traser_jax.modules.layers import dtype_of
+    from traser_jax.modules.text import TextDecoder
+    from traser_jax.train import token_loss
+
+    t = cfg.text
+    decoder = TextDecoder(t, dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
+                          remat=cfg.train.remat, attention_impl=cfg.train.attention_impl)
+    ids = jnp.asarray(np.random.default_rng(seed).integers(TEXT_ID_OFFSET, t.vocab_size, (batch, seq)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    mask = jnp.ones((batch, seq), jnp.int32)
+    embeds = jnp.zeros((batch, seq, t.hidden_size), dtype_of(cfg.train.compute_dtype))
+    params = {"llm": nn.meta.unbox(jax.jit(decoder.init)(jax.random.key(seed), embeds, positions, mask)["params"])}
+    tx = optim.make_optimizer(cfg.optim, params)
+
+    def mean_loss(p):
+        hidden = decoder.apply({"params": p["llm"]}, ids, method=TextDecoder.embed)
+        total, count = token_loss(decoder.apply({"params": p["llm"]}, hidden, positions, mask)[0], ids)
+        return total / jnp.maximum(count, 1)
+
+    def step(p, opt_state):
+        loss, grads = jax.value_and_grad(mean_loss)(p)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    opt_state = tx.init(params)
+    for _ in range(max(warmup, 1)):
+        params, opt_state, loss = step(params, opt_state)
+        jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        params, opt_state, loss = step(params, opt_state)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = sum(decoder_flops(cfg, seq, batch).values())
+    return {"step_s": round(step_s, 5), "tokens_per_s": round(batch * seq / step_s, 1), "loss": float(loss),
+            "model_flops_per_step": _sig(flops), "mfu": None if peak is None else round(flops / step_s / peak, 4)}
+
+
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
                  peak_tflops: float | None) -> list[dict[str, Any]]:
     """The PyTorch baseline's JSON lines (run it before JAX takes the GPU)."""
@@ -446,6 +498,13 @@ def human_line(r: dict[str, Any]) -> str:
             f"vision tower {r['vision_frames_per_s']:.1f} frames/s")
     if "breakdown_s" in r:
         line += "; " + ", ".join(f"{k} {v:.3f} s" for k, v in r["breakdown_s"].items())
+    if "lm_step" in r:
+        lm = r["lm_step"]
+        line += f"; decoder alone {lm['tokens_per_s']:,.0f} tokens/s"
+        if lm["mfu"] is not None:
+            line += f" (MFU {100 * lm['mfu']:.1f}%)"
+        if "tokens_per_s_vs_baseline" in lm:
+            line += f", {lm['tokens_per_s_vs_baseline']:.2f}x the baseline's language model"
     if "tokens_per_s_vs_baseline" in r:
         line += f"; {r['tokens_per_s_vs_baseline']:.2f}x the PyTorch baseline's tokens/s"
     if "tokens_per_s_vs_baseline_lm_plus_vision" in r:
@@ -474,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also trace 3 steps with jax.profiler into DIR (TensorBoard / Perfetto) and report "
                              "the heaviest device events as profile_top")
+    parser.add_argument("--lm-step", action="store_true",
+                        help="also time the decoder alone as the PyTorch baseline trains its language model "
+                             "(random tokens, loss on every position): lm_step, and its ratio to the baseline")
     parser.add_argument("--baseline", action="store_true",
                         help="first run the PyTorch baseline (GPU) with the same seq / frames / res")
     parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
@@ -503,11 +565,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.lm_step:  # after bench() has let go of the full model's state
+        peak = report["peak_tflops_per_device"]  # the same peak as the full step's MFU
+        report["lm_step"] = time_lm_step(cfg, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                         peak=None if peak is None else peak * 1e12, seed=args.seed)
     if baseline is not None:
         report["baseline"] = baseline
         lm = next((b for b in baseline if b.get("what") == "hf_qwen25vl3b_lm_train_step"), None)
         if lm:
             report["tokens_per_s_vs_baseline"] = round(report["tokens_per_s"] / lm["tokens_per_s"], 3)
+        if lm and "lm_step" in report:  # language model against language model
+            report["lm_step"]["tokens_per_s_vs_baseline"] = round(
+                report["lm_step"]["tokens_per_s"] / lm["tokens_per_s"], 3)
         vis = next((b for b in baseline if b.get("what") == "hf_qwen25vl_vision_forward"), None)
         if vis:
             report["vision_frames_per_s_vs_baseline"] = round(report["vision_frames_per_s"] / vis["frames_per_s"], 3)
