@@ -275,7 +275,8 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert lm["tokens_per_s"] == pytest.approx(400 / lm["step_s"], rel=1e-3)
     decoder_flops = sum(bench.decoder_flops(config_lib.load("tiny"), 400, 1).values())
     assert lm["model_flops_per_step"] == pytest.approx(decoder_flops, rel=1e-3)
-    assert lm["mfu"] == pytest.approx(decoder_flops / lm["step_s"] / (report["peak_tflops_per_device"] * 1e12), rel=0.01)
+    peak = report["peak_tflops_per_device"] * 1e12
+    assert lm["mfu"] == pytest.approx(decoder_flops / lm["step_s"] / peak, rel=0.01)
     assert lm["tokens_per_s_vs_baseline"] == pytest.approx(lm["tokens_per_s"] / 800, rel=1e-3)
     assert report["vision_frames_per_s_vs_baseline"] == pytest.approx(report["vision_frames_per_s"] / 16, rel=1e-3)
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
