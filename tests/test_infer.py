@@ -282,7 +282,7 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
 
 
-def test_trace_summary_counts_leaf_device_events_per_step(tmp_path):
+def test_trace_summary_counts_self_time_of_device_events_per_step(tmp_path):
     """bench.trace_summary on a Perfetto trace the test writes (device lanes as a GPU trace names them):
     an enclosing wrapper keeps only its self time, host lanes do not count; time is per step and lane."""
     import gzip
