@@ -239,10 +239,10 @@ def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, caps
 
 def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
     """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
-    step time and the FLOP count, the breakdown parts add up to the step, --profile leaves a trace and
-    lists its heaviest ops, --lm-step trains the decoder alone from its init loss, and with --baseline the
-    ratios use the baseline script's JSON lines (here a script the test writes, standing in for the
-    CUDA-only PyTorch one with its output format)."""
+    step time and the FLOP count, the breakdown times a forward and a backward, --profile leaves a
+    trace and lists its heaviest ops, --lm-step trains the decoder alone from its init loss, and with
+    --baseline the ratios use the baseline script's JSON lines (here a script the test writes,
+    standing in for the CUDA-only PyTorch one with its output format)."""
     script = tmp_path / "baseline.py"
     script.write_text(
         "import json, sys\n"
@@ -261,9 +261,8 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert report["tokens_per_s"] == pytest.approx(400 / report["step_s"], rel=1e-3)
     assert report["mfu"] == pytest.approx(report["model_flops_per_step"] / report["step_s"]
                                           / (report["peak_tflops_per_device"] * 1e12), rel=0.01)
-    parts = report["breakdown_s"]
-    assert parts["forward"] > 0 and parts["forward"] + parts["backward"] + parts["optimizer"] == pytest.approx(
-        report["step_s"], abs=1e-4)
+    parts = report["breakdown_s"]  # forward and forward + backward are timed apart from the step
+    assert parts["forward"] > 0 and parts["backward"] > 0
     top = report["profile_top"]  # the traced steps' heaviest XLA ops, heaviest first
     assert len(top) >= 5 and all(row["ms_per_step"] > 0 and 0 < row["share_of_lane"] <= 1 for row in top)
     assert [row["ms_per_step"] for row in top] == sorted((row["ms_per_step"] for row in top), reverse=True)

@@ -233,19 +233,29 @@ def synthetic_batch(cfg: Config, *, seq: int, frames: int, res: int, objects: in
 
 # -- timing ------------------------------------------------------------------------------------
 
+def timed(run, steps: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `steps` (at least 1) calls of `run`, after `warmup` (at least 1: the first
+    compiles) untimed ones; `run` returns the arrays to wait for."""
+    for _ in range(max(warmup, 1)):
+        jax.block_until_ready(run())
+    times = []
+    for _ in range(max(steps, 1)):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def time_train_step(trainer, state, batch, warmup: int, steps: int) -> tuple[list[float], Any, dict]:
     """Seconds of each timed `Trainer.step` (after `warmup` untimed ones), the final state, last metrics."""
-    metrics = None
-    for _ in range(max(warmup, 1)):  # the first call compiles
-        state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = trainer.step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return times, state, jax.device_get(metrics)
+    held = {"state": state}  # each step donates the state it is given
+
+    def run():
+        held["state"], held["metrics"] = trainer.step(held["state"], batch)
+        return held["metrics"]
+
+    times = timed(run, steps, warmup)
+    return times, held["state"], jax.device_get(held["metrics"])
 
 
 def time_vision_forward(cfg: Config, params: dict, pixel_values: np.ndarray, grid, steps: int) -> float:
@@ -255,13 +265,7 @@ def time_vision_forward(cfg: Config, params: dict, pixel_values: np.ndarray, gri
     model = Traser(cfg)
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, (grid,), method=Traser.encode_video))
     x = jnp.asarray(pixel_values)
-    jax.block_until_ready(encode(params, x))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(encode(params, x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(lambda: encode(params, x), steps))
 
 
 def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
@@ -272,15 +276,7 @@ def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
     from traser_jax.train import forward, statics_of, token_loss
 
     statics = statics_of(batch_np)
-
-    def median_s(fn):
-        jax.block_until_ready(fn())  # compiles
-        times = []
-        for _ in range(max(steps, 1)):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    median_s = lambda run: statistics.median(timed(run, steps))  # noqa: E731
 
     with trainer.context():
         batch = trainer.put_batch(batch_np)
@@ -400,20 +396,18 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
         return optax.apply_updates(p, updates), opt_state, loss
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    opt_state = tx.init(params)
-    for _ in range(max(warmup, 1)):
-        params, opt_state, loss = step(params, opt_state)
-        jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    held = {"state": (params, tx.init(params))}  # each step donates the state it is given
+
+    def run():
+        new_params, opt_state, held["loss"] = step(*held["state"])
+        held["state"] = (new_params, opt_state)
+        return held["loss"]
+
+    step_s = statistics.median(timed(run, steps, warmup))
     flops = sum(decoder_flops(cfg, seq, batch).values())
-    return {"step_s": round(step_s, 5), "tokens_per_s": round(batch * seq / step_s, 1), "loss": float(loss),
-            "model_flops_per_step": _sig(flops), "mfu": None if peak is None else round(flops / step_s / peak, 4)}
+    return {"step_s": round(step_s, 5), "tokens_per_s": round(batch * seq / step_s, 1),
+            "loss": float(held["loss"]), "model_flops_per_step": _sig(flops),
+            "mfu": None if peak is None else round(flops / step_s / peak, 4)}
 
 
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
@@ -453,7 +447,7 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     devices = jax.devices()
     peak, peak_source = peak_flops(devices[0])
     params = optim.merge(state["params"], state["frozen"])
-    vision_s = time_vision_forward(cfg, params, batch_np["pixel_values"][0], grid, max(steps, 1))
+    vision_s = time_vision_forward(cfg, params, batch_np["pixel_values"][0], grid, steps)
     report = {
         "config": cfg.name, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
         "device": cpu_name() if devices[0].platform == "cpu" else devices[0].device_kind,
