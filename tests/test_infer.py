@@ -281,6 +281,31 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
 
 
+def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys):
+    """`bench --memory-plan` compiles the step without running it: the plan's arguments hold at least the
+    train state, and with a vocabulary large enough for the logits to dominate (32,768 words x 1,024
+    positions: 128 MiB of float32 logits per copy) the loss in chunks of 128 positions needs a fraction
+    of the whole-sequence loss's temporaries."""
+    from traser_jax.train import Trainer
+
+    argv = ["--config", "tiny", "--seq", "1024", "--frames", "4", "--res", "112", "--objects", "2", "--memory-plan",
+            "text.vocab_size=32768", "train.compute_dtype=float32"]
+    plans = {}
+    for chunk in (0, 128):
+        assert bench.main(argv + [f"train.loss_chunk={chunk}"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["loss_chunk"] == chunk and report["seq"] == 1024
+        plans[chunk] = report["memory_plan_gib"]
+    cfg = config_lib.load("tiny", ["text.vocab_size=32768"])
+    state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(Trainer(cfg).abstract_state())) / 2 ** 30
+    logits_gib = 1024 * 32768 * 4 / 2 ** 30
+    for plan in plans.values():
+        assert plan["argument"] >= state_gib * 0.999
+        assert plan["peak"] == pytest.approx(plan["argument"] + plan["output"] - plan["alias"] + plan["temp"], abs=2e-3)
+    assert plans[0]["temp"] >= logits_gib  # the whole sequence's logits exist at least once
+    assert plans[128]["temp"] < plans[0]["temp"] / 2
+
+
 def test_trace_summary_counts_self_time_of_device_events_per_step(tmp_path):
     """bench.trace_summary on a Perfetto trace the test writes (device lanes as a GPU trace names them):
     an enclosing wrapper keeps only its self time, host lanes do not count; time is per step and lane."""

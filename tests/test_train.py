@@ -15,9 +15,10 @@ from flax import traverse_util
 
 from traser_jax import config as config_lib
 from traser_jax import optim
+from traser_jax import tokens as tokens_lib
 from traser_jax.config import OptimConfig
 from traser_jax.model import abstract_params
-from traser_jax.train import micro_batches
+from traser_jax.train import micro_batches, sequence_loss
 
 from train_fixtures import REPO
 
@@ -135,3 +136,38 @@ def test_train_sh_rejects_an_unknown_key_naming_the_closest():
     assert proc.returncode == 2, proc.stderr
     assert "unknown config key 'optim.lr_lm'" in proc.stderr
     assert "optim.lr_llm" in proc.stderr.split("closest valid keys:")[1]
+
+
+@pytest.mark.parametrize("chunk", [8, 12, 36, 100])
+def test_loss_in_chunks_equals_the_loss_over_whole_sequences(chunk):
+    """sequence_loss with chunk > 0 (scan over chunks, each recomputed in the backward) gives the loss and
+    gradients of the whole-sequence loss, and both match a float64 numpy cross-entropy; 37 positions, so
+    8 and 12 leave a padded last chunk, 36 is one chunk and 100 falls back to the whole sequence."""
+    rng = np.random.default_rng(chunk)
+    batch, length, width, vocab = 2, 37, 16, 50
+    hidden = jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(vocab, width)) * 0.5, jnp.float32)
+    labels = rng.integers(0, vocab, (batch, length))
+    labels[0, :20] = labels[1, :5] = tokens_lib.IGNORE_INDEX  # prompts of two lengths carry no loss
+    labels = jnp.asarray(labels)
+
+    def mean_loss(h, t, c):
+        total, count = sequence_loss(h, labels, lambda x: x @ t.T, c)
+        return total / count, count
+
+    (whole, n_whole), g_whole = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(hidden, table, 0)
+    (chunked, n_chunked), g_chunked = jax.value_and_grad(mean_loss, argnums=(0, 1), has_aux=True)(
+        hidden, table, chunk)
+
+    logits = np.asarray(hidden, np.float64)[:, :-1] @ np.asarray(table, np.float64).T
+    targets = np.asarray(labels)[:, 1:]
+    keep = targets != tokens_lib.IGNORE_INDEX
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, np.where(keep, targets, 0)[..., None], -1)[..., 0]
+    reference = nll[keep].mean()
+    assert int(n_whole) == int(n_chunked) == keep.sum() == 17 + 32
+    assert abs(float(whole) - reference) <= 1e-5 * reference
+    assert abs(float(chunked) - reference) <= 1e-5 * reference
+    for a, b in zip(g_chunked, g_whole):
+        assert float(jnp.abs(b).max()) > 0
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())

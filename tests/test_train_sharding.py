@@ -5,7 +5,7 @@ loss and every gradient of `Trainer.loss_and_grads` (the step's own gradient cod
 shardings) equal the single-device ones within a relative error of 1e-5, and on meshes that split
 the model (fsdp or tensor > 1) every parameter and optimizer moment of SHARDED_MIN_SIZE elements or
 more is actually split across devices. Gradient accumulation over micro-batches gives the gradients
-of the whole batch.
+of the whole batch, and the loss in chunks (train.loss_chunk) that of the whole sequence.
 
 The comparison runs in a process of its own (tests/train_fixtures.py): the device count must be set
 before jax is imported, and this process has imported it already.
@@ -19,9 +19,10 @@ import pytest
 from train_fixtures import REPO, SHARDED_MIN_SIZE, subprocess_env, write_toyworld
 
 TOLERANCE = 1e-5
-# (data, fsdp, tensor[, grad_accum_steps]): pure data parallel, FSDP, and FSDP x tensor with
-# accumulation over 2 micro-batches of 4 (against one device without accumulation).
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2, 2)]
+# (data, fsdp, tensor[, grad_accum_steps[, loss_chunk]]): pure data parallel, FSDP, and FSDP x tensor
+# with accumulation over 2 micro-batches of 4 and the loss in chunks of 16 positions (against one
+# device without accumulation, the loss over whole sequences).
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2, 2, 16)]
 SLOW_MESHES = [(2, 2, 2), (1, 8, 1), (1, 4, 2), (4, 1, 2)]
 
 
@@ -66,10 +67,11 @@ def check(report: dict) -> None:
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "data{}-fsdp{}-tensor{}".format(*m) +
-                         (f"-accum{m[3]}" if len(m) > 3 else ""))
+                         (f"-accum{m[3]}" if len(m) > 3 else "") + (f"-losschunk{m[4]}" if len(m) > 4 else ""))
 def test_sharded_step_matches_one_device(reports, mesh):
     check(reports[mesh])
     assert reports[mesh]["grad_accum_steps"] == (mesh[3] if len(mesh) > 3 else 1)
+    assert reports[mesh]["loss_chunk"] == (mesh[4] if len(mesh) > 4 else 0)
 
 
 @pytest.mark.slow

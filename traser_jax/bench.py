@@ -31,6 +31,8 @@ by device kind (PEAK_FLOPS); on CPU, measured with a float32 matmul (`cpu_peak_f
 `--breakdown` also times the forward alone and forward + backward (forward / backward / optimizer
 seconds); `--profile DIR` traces 3 more steps with jax.profiler and lists the heaviest device ops;
 `--lm-step` also times the decoder alone, as the PyTorch baseline trains its language model.
+`--memory-plan` only compiles the step and reports XLA's memory plan per device
+(`Trainer.memory_plan`): whether a config and shape fit a card, without the card.
 
 `--baseline` first runs ../shared/bench/hf_torch_baseline.py (Hugging Face PyTorch
 Qwen2.5-VL-3B language model train step and vision tower forward, CUDA only) with the
@@ -40,6 +42,7 @@ the tokens/s ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -273,15 +276,14 @@ def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
     (`Trainer.loss_and_grads`: no update); with the step time they split a step into forward, backward
     and optimizer."""
     from traser_jax import optim
-    from traser_jax.train import forward, statics_of, token_loss
+    from traser_jax.train import answer_loss, statics_of
 
     statics = statics_of(batch_np)
     median_s = lambda run: statistics.median(timed(run, steps))  # noqa: E731
 
     with trainer.context():
         batch = trainer.put_batch(batch_np)
-        loss = jax.jit(lambda p, f, b: token_loss(forward(trainer.model, optim.merge(p, f), b, statics),
-                                                  b["labels"]))
+        loss = jax.jit(lambda p, f, b: answer_loss(trainer.model, optim.merge(p, f), b, statics))
         forward_s = median_s(lambda: loss(state["params"], state["frozen"], batch))
     forward_backward_s = median_s(lambda: trainer.loss_and_grads(state, batch_np))
     return {"forward_s": forward_s, "forward_backward_s": forward_backward_s}
@@ -373,7 +375,7 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     from traser_jax import optim
     from traser_jax.modules.layers import dtype_of
     from traser_jax.modules.text import TextDecoder
-    from traser_jax.train import token_loss
+    from traser_jax.train import sequence_loss
 
     t = cfg.text
     decoder = TextDecoder(t, dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
@@ -386,8 +388,10 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     tx = optim.make_optimizer(cfg.optim, params)
 
     def mean_loss(p):
-        hidden = decoder.apply({"params": p["llm"]}, ids, method=TextDecoder.embed)
-        total, count = token_loss(decoder.apply({"params": p["llm"]}, hidden, positions, mask)[0], ids)
+        apply = functools.partial(decoder.apply, {"params": p["llm"]})
+        hidden = apply(apply(ids, method=TextDecoder.embed), positions, mask, return_hidden=True)[0]
+        total, count = sequence_loss(hidden, ids, functools.partial(apply, method=TextDecoder.logits),
+                                     cfg.train.loss_chunk)
         return total / jnp.maximum(count, 1)
 
     def step(p, opt_state):
@@ -479,6 +483,23 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     return report
 
 
+def memory_plan_report(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int,
+                       batch: int, seed: int = 0) -> dict[str, Any]:
+    """XLA's memory plan of the train step at these shapes (Trainer.memory_plan), GiB per device."""
+    from traser_jax.train import Trainer
+
+    batch_np, sizes = synthetic_batch(cfg, seq=seq, frames=frames, res=res, objects=objects,
+                                      object_cells=object_cells, batch=batch, seed=seed)
+    plan = Trainer(cfg).memory_plan(batch_np)
+    device = jax.devices()[0]
+    return {"config": cfg.name, "backend": jax.default_backend(),
+            "device": cpu_name() if device.platform == "cpu" else device.device_kind,
+            "num_devices": jax.device_count(), "compute_dtype": cfg.train.compute_dtype, "remat": cfg.train.remat,
+            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
+            "seq": seq, "frames": frames, "res": res, "objects": objects, "selected_tokens": sizes["selected"],
+            "memory_plan_gib": {k: round(v / 2 ** 30, 3) for k, v in plan.items()}}
+
+
 def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
@@ -530,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lm-step", action="store_true",
                         help="also time the decoder alone as the PyTorch baseline trains its language model "
                              "(random tokens, loss on every position): lm_step, and its ratio to the baseline")
+    parser.add_argument("--memory-plan", action="store_true",
+                        help="only compile the step and report XLA's memory plan per device (arguments, outputs, "
+                             "temporaries, peak; GiB) without allocating or running anything")
     parser.add_argument("--baseline", action="store_true",
                         help="first run the PyTorch baseline (GPU) with the same seq / frames / res")
     parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
@@ -542,6 +566,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cell = cfg.vision.patch_size * cfg.vision.spatial_merge_size
     cells = args.object_cells or max(1, (args.res // cell) ** 2 // 8)
+    if args.memory_plan:
+        try:
+            report = memory_plan_report(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
+                                        object_cells=cells, batch=args.batch, seed=args.seed)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(report))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return 0
     baseline = None
     if args.baseline:  # before anything initializes JAX's backend, which claims most of the GPU memory
         try:

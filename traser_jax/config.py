@@ -150,6 +150,9 @@ class TrainConfig:
     # Vision tower and decoder attention: einsum (any backend; the parity reference) | xla
     # (jax.nn.dot_product_attention) | cudnn (its fused kernel: NVIDIA GPUs, bf16/fp16 compute).
     attention_impl: str = "einsum"
+    # The answer loss in chunks of this many positions, each chunk's logits recomputed in the backward:
+    # its memory is chunk x vocab, not sequence x vocab (train.sequence_loss). 0: the whole sequence.
+    loss_chunk: int = 0
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpointing: bool = True

@@ -27,7 +27,7 @@ from traser_jax import optim
 from traser_jax.config import Config
 from traser_jax.data import DEVICE_KEYS
 from traser_jax.model import Traser, embed_batch
-from traser_jax.train import forward, statics_of, token_loss
+from traser_jax.train import answer_loss, statics_of
 
 
 def grounding_report(cfg: Config, params: dict, batch: dict[str, np.ndarray]) -> dict:
@@ -38,7 +38,7 @@ def grounding_report(cfg: Config, params: dict, batch: dict[str, np.ndarray]) ->
     arrays = {k: jnp.asarray(batch[k]) for k in DEVICE_KEYS}
 
     def loss(params, arrays):
-        total, count = token_loss(forward(model, params, arrays, statics), arrays["labels"])
+        total, count = answer_loss(model, params, arrays, statics)
         return total / jnp.maximum(count, 1)
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params, arrays)

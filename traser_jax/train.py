@@ -92,22 +92,57 @@ def statics_of(batch: dict[str, np.ndarray]) -> tuple[tuple[int, int, int], int,
     return grid, int(batch["object_ids"].shape[-1]), int(batch["window_object"].shape[-1])
 
 
-def forward(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> jax.Array:
-    """Logits [B, L, vocab]: per video the vision tower and both resamplers, then the decoder."""
+def forward(model: Traser, params: dict, batch: dict[str, jax.Array], statics, return_hidden: bool = False):
+    """Logits [B, L, vocab] (or the final hidden states [B, L, D]): per video the vision tower and both
+    resamplers, then the decoder."""
     embeds = embed_batch(model, params, batch, statics)
-    logits, _ = model.apply({"params": params}, embeds, batch["positions"], batch["attention_mask"],
-                            method=Traser.decode)
-    return logits
+    out, _ = model.apply({"params": params}, embeds, batch["positions"], batch["attention_mask"],
+                         return_hidden=return_hidden, method=Traser.decode)
+    return out
 
 
-def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed next-token cross-entropy over answer tokens, their count). labels align with inputs."""
-    targets = labels[:, 1:]
-    logits = logits[:, :-1].astype(jnp.float32)
+def token_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy of `targets` [..., L] under `logits` [..., L, vocab] where the target is not
+    IGNORE_INDEX, their count); float32 log-sum-exp."""
+    logits = logits.astype(jnp.float32)
     mask = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
+
+
+def sequence_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token loss over answer tokens, their count) from final hidden states [B, L, D] and
+    labels [B, L] aligned with the inputs; `logits_fn` maps hidden states to logits.
+
+    chunk > 0 computes the logits `chunk` positions at a time in a scan and recomputes each chunk's in
+    the backward (jax.checkpoint): the float32 [L, vocab] logits never exist whole, only [chunk, vocab]
+    (at TRASER's 151,936 words, 2.5 GB per 4096 positions)."""
+    hidden, targets = hidden[:, :-1], labels[:, 1:]
+    length = hidden.shape[1]
+    if chunk <= 0 or chunk >= length:
+        return token_loss(logits_fn(hidden), targets)
+    pad = -length % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    batch, width = hidden.shape[0], hidden.shape[-1]
+    hidden_chunks = hidden.reshape(batch, -1, chunk, width).swapaxes(0, 1)  # [chunks, B, chunk, D]
+    target_chunks = targets.reshape(batch, -1, chunk).swapaxes(0, 1)
+    chunk_loss = jax.checkpoint(lambda h, t: token_loss(logits_fn(h), t)[0])
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_chunks, target_chunks))
+    return total, jnp.sum(targets != IGNORE_INDEX)
+
+
+def answer_loss(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> tuple[jax.Array, jax.Array]:
+    """(summed loss over a batch's answer tokens, their count), the loss in chunks of
+    `train.loss_chunk` positions."""
+    hidden = forward(model, params, batch, statics, return_hidden=True)
+    logits_fn = lambda h: model.apply({"params": params}, h, method=Traser.logits)  # noqa: E731
+    return sequence_loss(hidden, batch["labels"], logits_fn, model.cfg.train.loss_chunk)
 
 
 def micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
@@ -128,7 +163,7 @@ def make_grad_fn(model: Traser, accum: int):
 
     def grad_fn(trainable, frozen, batch, statics):
         def micro_loss(trainable, mb):
-            return token_loss(forward(model, optim.merge(trainable, frozen), mb, statics), mb["labels"])
+            return answer_loss(model, optim.merge(trainable, frozen), mb, statics)
 
         value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -219,6 +254,18 @@ class Trainer:
         statics = statics_of(batch)
         with self.context():
             return self._step(state, self.put_batch(batch), statics)
+
+    def memory_plan(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        """XLA's plan for the compiled step at this batch's shapes, bytes per device: arguments (state
+        and batch), outputs, the outputs that reuse donated arguments (alias), temporaries, and
+        peak = arguments + outputs - alias + temporaries. Compiles from the abstract state: nothing is
+        allocated, so it says whether a config fits a device before one is at hand."""
+        arrays = {k: jax.ShapeDtypeStruct(np.shape(batch[k]), np.asarray(batch[k]).dtype,
+                                          sharding=self.batch_sharding(np.ndim(batch[k]))) for k in DEVICE_KEYS}
+        with self.context():
+            plan = self._step.lower(self.abstract_state(), arrays, statics_of(batch)).compile().memory_analysis()
+        out = {k: int(getattr(plan, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+        return dict(out, peak=out["argument"] + out["output"] - out["alias"] + out["temp"])
 
     def loss_and_grads(self, state: dict, batch: dict[str, np.ndarray]) -> tuple[jax.Array, dict]:
         """(loss, gradients of the trainable parameters) as `step` computes them, laid out as the
