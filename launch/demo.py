@@ -1,12 +1,14 @@
 """`make demo`: the main job on the embedded default, end to end on CPU.
 
 1. generate toyworld shards (train and held-out eval videos) and print their summary;
-2. train the `demo` config (launch/train.sh's entry point) in two stages: the `attributes`
-   task alone until the decoder reads the video, then mostly scene graphs from those weights
-   (README, "What the demo learns");
-3. predict the held-out videos with constrained decoding;
-4. evaluate against their ground truth, next to the most-frequent-relation baseline;
-5. write runs/demo/metrics.json, loss.png and one prediction rendered next to its
+2. pretrain the vision tower on crops of the training objects (`traser_jax.pretrain_vision`:
+   the stand-in for the pretrained tower the published model starts from), then freeze it;
+3. train the `demo` config (launch/train.sh's entry point) in two stages from that tower: the
+   `attributes` task alone until the decoder reads the video, then mostly scene graphs from
+   those weights (README, "What the demo learns");
+4. predict the held-out videos with constrained decoding;
+5. evaluate against their ground truth, next to the most-frequent-relation baseline;
+6. write runs/demo/metrics.json, loss.png and one prediction rendered next to its
    ground truth (prediction.png).
 
 Every step resumes: rerunning skips generated shards and finished training steps.
@@ -24,13 +26,15 @@ DATA = RUN / "data"
 # Small scenes keep the answers short enough to learn on 2 CPU cores in minutes.
 KNOBS = ["min_objects=2", "max_objects=4", "max_duration=8", "max_side=280"]
 SPLITS = (("train", 512, 0), ("eval", 16, 1))
-STAGE1, MODEL = RUN / "attributes", RUN / "scene_graph"
+VISION, STAGE1, MODEL = RUN / "vision", RUN / "attributes", RUN / "scene_graph"
 # Stage 1 answers objects with attributes only: short sequences (one 384-token bucket) whose loss is
 # mostly grounding. Stage 2 starts from its weights and tokenizer and asks mostly for scene graphs.
+# Both keep the pretrained tower frozen (optim.lr_vision=0), as the published recipe does.
 STAGES = (
-    (STAGE1, ["data.task_mix={attributes: 1.0}", "optim.num_steps=400", "tokens.bucket_length=[384]"]),
+    (STAGE1, ["data.task_mix={attributes: 1.0}", "optim.num_steps=400", "tokens.bucket_length=[384]",
+              f"train.init_from={VISION}", "optim.lr_vision=0"]),
     (MODEL, ["data.task_mix={scene_graph: 0.7, attributes: 0.3}", "optim.num_steps=250",
-             f"train.init_from={STAGE1}", f"data.tokenizer={STAGE1 / 'tokenizer.json'}"]),
+             f"train.init_from={STAGE1}", f"data.tokenizer={STAGE1 / 'tokenizer.json'}", "optim.lr_vision=0"]),
 )
 
 
@@ -45,6 +49,16 @@ def generate() -> None:
            *knobs)
     summary = json.loads(sh("-m", "data_gen.inspect", str(DATA / "train")))
     print(json.dumps(summary, indent=1))
+
+
+def pretrain_vision() -> None:
+    from traser_jax.pretrain_vision import REPORT_NAME
+
+    if (VISION / REPORT_NAME).exists():  # finished on an earlier run
+        return
+    out = sh("-m", "traser_jax.pretrain_vision", "demo", "--data", str(DATA / "train"), "--eval-data",
+             str(DATA / "eval"), "--out", str(VISION))
+    print(f"vision tower pretrained on object crops: {out.strip()}")
 
 
 def plot_loss(stages: list[Path], out: Path) -> None:
@@ -100,6 +114,7 @@ def main() -> None:
     generate()
     if "--data-only" in sys.argv[1:]:  # the toyworld splits alone (launch/sweep.sh uses them)
         return
+    pretrain_vision()
     for run_dir, overrides in STAGES:
         sh("-m", "traser_jax.train", "demo", f"train.run_dir={run_dir}", f"data.train_dir={DATA / 'train'}",
            f"data.eval_dir={DATA / 'eval'}", *overrides)

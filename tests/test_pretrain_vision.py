@@ -1,0 +1,82 @@
+"""The vision-tower pretraining stage (traser_jax.pretrain_vision): what the crops hold, and that its
+checkpoint is one a training run starts from."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from data_gen import rle as rle_lib
+from data_gen.shards import ShardReader
+from traser_jax import config as config_lib
+from traser_jax import pretrain_vision
+from traser_jax.model import init_params
+from traser_jax.train import load_init_params
+from traser_jax.video_input import normalize, patchify, resize_frames
+from train_fixtures import write_toyworld
+
+FRAME = 112  # the resized frame side in these tests; crops of 56 px are 2 x 2 merged cells
+OVERRIDES = [f"tokens.frame_size=[{FRAME},{FRAME}]", "train.compute_dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_toyworld(tmp_path_factory.mktemp("pretrain") / "data", num_videos=4)
+
+
+def test_crops_hold_their_object_and_its_labels(shards):
+    """One crop per object and temporal patch whose first frame shows it; the crop's pixels are the
+    tower's input cut at its box, the box holds the object's centroid (shifted by at most a quarter
+    crop, unless clipped at the frame's edge), and the labels are the record's."""
+    cfg = config_lib.load("tiny", OVERRIDES)
+    crops, names, attributes = pretrain_vision.object_crops(shards, cfg, 56, np.random.default_rng(0))
+    reader = ShardReader(shards)
+    expected = 0
+    for i in range(len(reader)):
+        for obj in reader[i].record.objects:
+            expected += sum(rle_lib.area(obj.masks[t]) > 0 for t in range(0, len(obj.masks), 2))
+    assert len(crops.names) == len(crops.boxes) == len(crops.attributes) == expected > 8
+    assert names == sorted({o.name for i in range(len(reader)) for o in reader[i].record.objects})
+
+    for n in range(0, expected, 5):
+        video, t, y0, x0 = (int(v) for v in crops.boxes[n])
+        ex = reader[video]
+        frames = normalize(resize_frames(np.asarray(ex.frames), FRAME, FRAME))
+        frames = np.concatenate([frames, frames[-1:]]) if len(frames) % 2 else frames
+        window = frames[t:t + 2, :, y0:y0 + 56, x0:x0 + 56]
+        np.testing.assert_array_equal(crops.pixel_values[n], patchify(window, 14, 2, 2)[0])
+        # which object: the one whose name and attributes the labels give, visible in frame t
+        objs = [o for o in ex.record.objects if rle_lib.area(o.masks[t]) > 0 and names.index(o.name) == crops.names[n]
+                and sorted(o.attributes) == sorted(a for a, on in zip(attributes, crops.attributes[n]) if on)]
+        assert objs, (video, t, crops.names[n])
+        height, width = np.asarray(ex.frames).shape[1:3]
+        ys, xs = np.nonzero(rle_lib.decode(objs[0].masks[t]))
+        cy, cx = (ys.mean() + 0.5) * FRAME / height, (xs.mean() + 0.5) * FRAME / width
+        for c, lo in ((cy, y0), (cx, x0)):
+            assert lo <= c <= lo + 56 or lo in (0, FRAME - 56)
+            assert abs(lo + 28 - c) <= 14 + 1 or lo in (0, FRAME - 56)
+
+
+def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_training_starts_from(shards, tmp_path):
+    cfg = config_lib.load("tiny", OVERRIDES)
+    out = tmp_path / "vision"
+    report = pretrain_vision.pretrain(cfg, shards, out, eval_dir=shards, steps=40, batch=32, lr=3e-3, progress=False)
+    assert report["final_loss"] < report["first_loss"]
+    assert json.loads((out / pretrain_vision.REPORT_NAME).read_text())["final_loss"] == report["final_loss"]
+    for split in ("train", "eval"):
+        assert 0.0 <= report[split]["name_accuracy"] <= 1.0 and 0.0 <= report[split]["attribute_recall"] <= 1.0
+
+    start = config_lib.load("tiny", OVERRIDES + [f"train.init_from={out}", "optim.lr_vision=0"])
+    loaded = traverse_util.flatten_dict(jax.device_get(load_init_params(start)))
+    fresh = traverse_util.flatten_dict(jax.device_get(init_params(cfg, jax.random.key(0))))
+    assert loaded.keys() == fresh.keys()
+    trained = [k for k in fresh if not np.array_equal(loaded[k], fresh[k])]
+    assert trained and all(k[0] == "vision" for k in trained)  # the tower learned; the rest is fresh init
+    assert ("vision", "patch_embed") in trained
+
+
+def test_cli_refuses_a_crop_off_the_merged_grid(shards, tmp_path, capsys):
+    argv = ["tiny", "--data", str(shards), "--out", str(tmp_path / "v"), "--crop", "50", *OVERRIDES]
+    assert pretrain_vision.main(argv) == 2
+    assert "multiple of patch_size x spatial_merge_size = 28" in capsys.readouterr().err

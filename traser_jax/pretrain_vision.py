@@ -1,0 +1,237 @@
+"""A pretrained vision tower for runs that start from scratch (the demo's stage 0).
+
+    python -m traser_jax.pretrain_vision CONFIG --data TRAIN_DIR --out DIR [--eval-data DIR]
+        [--steps 400] [--batch 128] [--lr 1e-3] [--crop 56] [--seed 0] [key=value ...]
+
+The published TRASER starts from Qwen2.5-VL's vision tower, pretrained on web-scale data, and
+freezes it. A tower trained from scratch inside the scene-graph loss, as the demo's would be,
+stays near chance on what objects look like within a CPU budget (README, "What the demo
+learns"). This stage is the cheap stand-in: the config's vision tower (with its merger) learns
+to name each object of the training shards and its attributes from a crop around it, through
+linear heads on the mean of the crop's merged tokens, many crops per step. The output is a
+checkpoint in `convert.save_checkpoint`'s layout, holding that tower and fresh random
+parameters for everything else, to start training from (`train.init_from=DIR
+optim.lr_vision=0`).
+
+Crops: for every object and every temporal patch (sampled frames 2i, 2i + 1) where the object is
+visible in frame 2i, a `crop` x `crop` window of the resized frames (the size the tower sees in
+training) around the object's mask centroid, shifted by a random offset of up to a quarter crop
+and clipped to the frame. Labels come from the records alone: the object's name (one softmax
+over the training names) and its attributes (one sigmoid per attribute string seen in
+training). Reported: name accuracy, and attribute recall (of an object's k attributes, the
+share among the head's top k).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from traser_jax import config as config_lib
+from traser_jax.config import Config
+from traser_jax.modules.layers import dtype_of
+from traser_jax.modules.vision import VisionTower
+from traser_jax.video_input import normalize, patchify, resize_frames, resized_size
+
+REPORT_NAME = "pretrain_vision.json"  # written last: its presence means the stage finished
+
+
+@dataclass
+class Crops:
+    pixel_values: np.ndarray  # float32 [N, patches per crop, patch dim]
+    names: np.ndarray  # int [N]: index into the name vocabulary, -1 when not in it
+    attributes: np.ndarray  # float32 [N, num attributes]: 1 where the object has the attribute
+    boxes: np.ndarray  # int [N, 4]: (video index in the shards, first frame, y0, x0) of each crop
+
+
+def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.Generator,
+                 names: list[str] | None = None, attributes: list[str] | None = None
+                 ) -> tuple[Crops, list[str], list[str]]:
+    """Crops of every shard video's objects (module doc) and the label vocabularies: taken from
+    these records unless given (the training ones, when reading held-out shards)."""
+    from data_gen import rle as rle_lib
+    from data_gen.shards import ShardReader
+
+    vision = cfg.vision
+    cell = vision.patch_size * vision.spatial_merge_size
+    if crop <= 0 or crop % cell:
+        raise ValueError(f"crop {crop} must be a positive multiple of patch_size x spatial_merge_size = {cell}")
+    reader = ShardReader(shard_dir)
+    records = [reader[i] for i in range(len(reader))]
+    names = names if names is not None else sorted({o.name for ex in records for o in ex.record.objects})
+    attributes = attributes if attributes is not None else sorted(
+        {a for ex in records for o in ex.record.objects for a in o.attributes})
+    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
+    pixels, labels, attrs, boxes = [], [], [], []
+    for video, ex in enumerate(records):
+        frames = np.asarray(ex.frames)
+        height, width = frames.shape[1:3]
+        h, w = resized_size(height, width, vision, cfg.tokens)
+        if crop > min(h, w):
+            raise ValueError(f"crop {crop} is larger than the resized frames ({h}x{w})")
+        small = normalize(resize_frames(frames, h, w))  # float32 [T, C, h, w]
+        if len(small) % 2:  # the tower pairs frames; the last one pairs with itself, as in patchify
+            small = np.concatenate([small, small[-1:]])
+        for obj in ex.record.objects:
+            multi_hot = np.zeros(len(attributes), np.float32)
+            multi_hot[[attr_index[a] for a in obj.attributes if a in attr_index]] = 1.0
+            for t in range(0, len(frames), vision.temporal_patch_size):
+                ys, xs = np.nonzero(rle_lib.decode(obj.masks[t]))
+                if len(ys) == 0:
+                    continue
+                cy = (ys.mean() + 0.5) * h / height + rng.uniform(-crop / 4, crop / 4)
+                cx = (xs.mean() + 0.5) * w / width + rng.uniform(-crop / 4, crop / 4)
+                y0 = int(np.clip(round(cy - crop / 2), 0, h - crop))
+                x0 = int(np.clip(round(cx - crop / 2), 0, w - crop))
+                window = small[t:t + vision.temporal_patch_size, :, y0:y0 + crop, x0:x0 + crop]
+                pixels.append(patchify(window, vision.patch_size, vision.temporal_patch_size,
+                                       vision.spatial_merge_size)[0])
+                labels.append(name_index.get(obj.name, -1))
+                attrs.append(multi_hot)
+                boxes.append((video, t, y0, x0))
+    if not pixels:
+        raise ValueError(f"{shard_dir}: no object is visible in any sampled frame")
+    return Crops(np.stack(pixels), np.asarray(labels), np.stack(attrs), np.asarray(boxes)), names, attributes
+
+
+class CropClassifier(nn.Module):
+    """The vision tower on one crop -> (name logits, attribute logits) from its mean merged token."""
+    cfg: Config
+    num_names: int
+    num_attributes: int
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, grid: tuple[int, int, int]):
+        cfg = self.cfg
+        tokens = VisionTower(cfg.vision, dtype=dtype_of(cfg.train.compute_dtype), attention_impl=cfg.train.attention_impl,
+                             name="vision")(pixel_values, (grid,))
+        pooled = tokens.astype(jnp.float32).mean(0)
+        return (nn.Dense(self.num_names, name="name_head")(pooled),
+                nn.Dense(self.num_attributes, name="attribute_head")(pooled))
+
+
+def crop_losses(name_logits, attr_logits, names, attributes):
+    """(mean name cross-entropy over labelled crops, attribute binary cross-entropy summed over the
+    attributes and averaged over crops: a mean over a large attribute vocabulary would shrink the
+    gradient of each attribute an object has)."""
+    known = names >= 0
+    name_ce = optax.softmax_cross_entropy_with_integer_labels(name_logits, jnp.maximum(names, 0))
+    name_loss = jnp.sum(jnp.where(known, name_ce, 0.0)) / jnp.maximum(known.sum(), 1)
+    return name_loss, optax.sigmoid_binary_cross_entropy(attr_logits, attributes).sum(-1).mean()
+
+
+def scores(name_logits: np.ndarray, attr_logits: np.ndarray, crops: Crops) -> dict[str, float]:
+    """Name accuracy (over crops with a known name) and attribute recall at each crop's own k."""
+    known = crops.names >= 0
+    accuracy = float((name_logits.argmax(-1) == crops.names)[known].mean()) if known.any() else float("nan")
+    ranks = np.argsort(-attr_logits, axis=-1)
+    hits = total = 0
+    for row, truth in zip(ranks, crops.attributes):
+        k = int(truth.sum())
+        hits += int(truth[row[:k]].sum())
+        total += k
+    return {"name_accuracy": accuracy, "attribute_recall": hits / total if total else float("nan")}
+
+
+def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_dir: str | Path | None = None,
+             steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Train the tower on crops (module doc), write the checkpoint and its report; return the report."""
+    from tqdm import tqdm
+
+    from traser_jax.convert import save_checkpoint
+    from traser_jax.model import init_params
+
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps {steps} and batch {batch} must be at least 1")
+    rng = np.random.default_rng(seed)
+    train, names, attributes = object_crops(train_dir, cfg, crop, rng)
+    held_out = object_crops(eval_dir, cfg, crop, rng, names, attributes)[0] if eval_dir else None
+    cells = crop // cfg.vision.patch_size
+    grid = (1, cells, cells)
+    model = CropClassifier(cfg, len(names), len(attributes))
+    params = nn.meta.unbox(jax.jit(model.init, static_argnums=2)(jax.random.key(seed), train.pixel_values[0], grid)
+                           ["params"])
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    apply = jax.vmap(lambda p, x: model.apply({"params": p}, x, grid), in_axes=(None, 0))
+
+    def loss_fn(p, pixel_values, names_, attributes_):
+        name_loss, attr_loss = crop_losses(*apply(p, pixel_values), names_, attributes_)
+        return name_loss + attr_loss
+
+    @jax.jit
+    def step(p, opt_state, pixel_values, names_, attributes_):
+        loss, grads = jax.value_and_grad(loss_fn)(p, pixel_values, names_, attributes_)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    predict = jax.jit(apply)
+
+    def evaluate(p, crops: Crops) -> dict[str, float]:
+        outs = [predict(p, crops.pixel_values[i:i + 512]) for i in range(0, len(crops.names), 512)]
+        return scores(np.concatenate([np.asarray(o[0]) for o in outs]),
+                      np.concatenate([np.asarray(o[1]) for o in outs]), crops)
+
+    opt_state = tx.init(params)
+    losses = []
+    bar = tqdm(range(steps), desc="pretrain vision", disable=not progress, file=sys.stderr)
+    for _ in bar:
+        idx = rng.choice(len(train.names), size=batch, replace=len(train.names) < batch)
+        params, opt_state, loss = step(params, opt_state, train.pixel_values[idx], train.names[idx],
+                                       train.attributes[idx])
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if not np.isfinite(losses[-1]):
+        raise RuntimeError(f"pretrain_vision: the loss is {losses[-1]} after {steps} steps")
+    report = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "train_crops": int(len(train.names)),
+              "names": names, "attributes": attributes, "first_loss": losses[0], "final_loss": losses[-1],
+              "train": evaluate(params, train)}
+    if held_out is not None:
+        report.update(eval_crops=int(len(held_out.names)), eval=evaluate(params, held_out))
+
+    full = dict(init_params(cfg, jax.random.key(seed)))
+    full["vision"] = jax.device_get(params["vision"])
+    out_dir = Path(out_dir)
+    save_checkpoint(out_dir, cfg, full)
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m traser_jax.pretrain_vision", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="a preset name in configs/ or a YAML path")
+    parser.add_argument("--data", required=True, help="training shard directory")
+    parser.add_argument("--eval-data", default=None, help="held-out shard directory to report on")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=128, help="crops per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--crop", type=int, default=56, help="crop side in pixels of the resized frames")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+        report = pretrain(cfg, args.data, args.out, eval_dir=args.eval_data, steps=args.steps, batch=args.batch,
+                          lr=args.lr, crop=args.crop, seed=args.seed)
+    except (config_lib.ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = {k: report[k] for k in ("train_crops", "final_loss", "train")}
+    summary.update({k: report[k] for k in ("eval_crops", "eval") if k in report})
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
