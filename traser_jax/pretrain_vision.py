@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_lib.load(args.config, args.overrides)
         report = pretrain(cfg, args.data, args.out, eval_dir=args.eval_data, steps=args.steps, batch=args.batch,
                           lr=args.lr, crop=args.crop, seed=args.seed)
-    except (config_lib.ConfigError, ValueError) as err:
+    except (config_lib.ConfigError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {k: report[k] for k in ("train_crops", "final_loss", "train")}

@@ -92,13 +92,13 @@ def statics_of(batch: dict[str, np.ndarray]) -> tuple[tuple[int, int, int], int,
     return grid, int(batch["object_ids"].shape[-1]), int(batch["window_object"].shape[-1])
 
 
-def forward(model: Traser, params: dict, batch: dict[str, jax.Array], statics, return_hidden: bool = False):
-    """Logits [B, L, vocab] (or the final hidden states [B, L, D]): per video the vision tower and both
-    resamplers, then the decoder."""
+def final_hidden(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> jax.Array:
+    """The decoder's final hidden states [B, L, D]: per video the vision tower and both resamplers, then
+    the decoder (the logits are the loss's to compute: `sequence_loss`)."""
     embeds = embed_batch(model, params, batch, statics)
-    out, _ = model.apply({"params": params}, embeds, batch["positions"], batch["attention_mask"],
-                         return_hidden=return_hidden, method=Traser.decode)
-    return out
+    hidden, _ = model.apply({"params": params}, embeds, batch["positions"], batch["attention_mask"],
+                            return_hidden=True, method=Traser.decode)
+    return hidden
 
 
 def token_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,7 +140,7 @@ def sequence_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int = 
 def answer_loss(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> tuple[jax.Array, jax.Array]:
     """(summed loss over a batch's answer tokens, their count), the loss in chunks of
     `train.loss_chunk` positions."""
-    hidden = forward(model, params, batch, statics, return_hidden=True)
+    hidden = final_hidden(model, params, batch, statics)
     logits_fn = lambda h: model.apply({"params": params}, h, method=Traser.logits)  # noqa: E731
     return sequence_loss(hidden, batch["labels"], logits_fn, model.cfg.train.loss_chunk)
 
