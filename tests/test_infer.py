@@ -301,7 +301,6 @@ def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys
     logits_gib = 1024 * 32768 * 4 / 2 ** 30
     for plan in plans.values():
         assert plan["argument"] >= state_gib * 0.999
-        assert plan["peak"] == pytest.approx(plan["argument"] + plan["output"] - plan["alias"] + plan["temp"], abs=2e-3)
     assert plans[0]["temp"] >= logits_gib  # the whole sequence's logits exist at least once
     assert plans[128]["temp"] < plans[0]["temp"] / 2
 

@@ -181,6 +181,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def device_name(device: jax.Device) -> str:
+    """The processor's model on CPU (its device kind says only "cpu"), else the device kind."""
+    return cpu_name() if device.platform == "cpu" else device.device_kind
+
+
 # -- synthetic batch ---------------------------------------------------------------------------
 
 def synthetic_batch(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int,
@@ -454,7 +459,7 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     vision_s = time_vision_forward(cfg, params, batch_np["pixel_values"][0], grid, steps)
     report = {
         "config": cfg.name, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-        "device": cpu_name() if devices[0].platform == "cpu" else devices[0].device_kind,
+        "device": device_name(devices[0]),
         "num_devices": len(devices), "compute_dtype": cfg.train.compute_dtype, "param_dtype": cfg.train.param_dtype,
         "remat": cfg.train.remat, "batch": batch, "seq": seq, "frames": frames, "res": res, "objects": objects,
         "selected_tokens": sizes["selected"], "windows": sizes["windows"], "answer_tokens": sizes["answer_tokens"],
@@ -491,9 +496,7 @@ def memory_plan_report(cfg: Config, *, seq: int, frames: int, res: int, objects:
     batch_np, sizes = synthetic_batch(cfg, seq=seq, frames=frames, res=res, objects=objects,
                                       object_cells=object_cells, batch=batch, seed=seed)
     plan = Trainer(cfg).memory_plan(batch_np)
-    device = jax.devices()[0]
-    return {"config": cfg.name, "backend": jax.default_backend(),
-            "device": cpu_name() if device.platform == "cpu" else device.device_kind,
+    return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
             "num_devices": jax.device_count(), "compute_dtype": cfg.train.compute_dtype, "remat": cfg.train.remat,
             "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
             "seq": seq, "frames": frames, "res": res, "objects": objects, "selected_tokens": sizes["selected"],

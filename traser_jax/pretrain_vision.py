@@ -57,7 +57,8 @@ def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.G
                  names: list[str] | None = None, attributes: list[str] | None = None
                  ) -> tuple[Crops, list[str], list[str]]:
     """Crops of every shard video's objects (module doc) and the label vocabularies: taken from
-    these records unless given (the training ones, when reading held-out shards)."""
+    these records unless given (the training ones, when reading held-out shards). One pass over the
+    shards; only the crops are kept."""
     from data_gen import rle as rle_lib
     from data_gen.shards import ShardReader
 
@@ -65,25 +66,18 @@ def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.G
     cell = vision.patch_size * vision.spatial_merge_size
     if crop <= 0 or crop % cell:
         raise ValueError(f"crop {crop} must be a positive multiple of patch_size x spatial_merge_size = {cell}")
-    reader = ShardReader(shard_dir)
-    records = [reader[i] for i in range(len(reader))]
-    names = names if names is not None else sorted({o.name for ex in records for o in ex.record.objects})
-    attributes = attributes if attributes is not None else sorted(
-        {a for ex in records for o in ex.record.objects for a in o.attributes})
-    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
-    pixels, labels, attrs, boxes = [], [], [], []
-    for video, ex in enumerate(records):
+    pixels, boxes, crop_objects = [], [], []  # crop_objects: (name, attributes) of each crop's object
+    seen_names, seen_attributes = set(), set()
+    for video, ex in enumerate(ShardReader(shard_dir)):
         frames = np.asarray(ex.frames)
         height, width = frames.shape[1:3]
         h, w = resized_size(height, width, vision, cfg.tokens)
         if crop > min(h, w):
             raise ValueError(f"crop {crop} is larger than the resized frames ({h}x{w})")
         small = normalize(resize_frames(frames, h, w))  # float32 [T, C, h, w]
-        if len(small) % 2:  # the tower pairs frames; the last one pairs with itself, as in patchify
-            small = np.concatenate([small, small[-1:]])
         for obj in ex.record.objects:
-            multi_hot = np.zeros(len(attributes), np.float32)
-            multi_hot[[attr_index[a] for a in obj.attributes if a in attr_index]] = 1.0
+            seen_names.add(obj.name)
+            seen_attributes.update(obj.attributes)
             for t in range(0, len(frames), vision.temporal_patch_size):
                 ys, xs = np.nonzero(rle_lib.decode(obj.masks[t]))
                 if len(ys) == 0:
@@ -92,15 +86,22 @@ def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.G
                 cx = (xs.mean() + 0.5) * w / width + rng.uniform(-crop / 4, crop / 4)
                 y0 = int(np.clip(round(cy - crop / 2), 0, h - crop))
                 x0 = int(np.clip(round(cx - crop / 2), 0, w - crop))
+                # a last frame without a pair is repeated by patchify, as the processor does
                 window = small[t:t + vision.temporal_patch_size, :, y0:y0 + crop, x0:x0 + crop]
                 pixels.append(patchify(window, vision.patch_size, vision.temporal_patch_size,
                                        vision.spatial_merge_size)[0])
-                labels.append(name_index.get(obj.name, -1))
-                attrs.append(multi_hot)
                 boxes.append((video, t, y0, x0))
+                crop_objects.append((obj.name, obj.attributes))
     if not pixels:
         raise ValueError(f"{shard_dir}: no object is visible in any sampled frame")
-    return Crops(np.stack(pixels), np.asarray(labels), np.stack(attrs), np.asarray(boxes)), names, attributes
+    names = names if names is not None else sorted(seen_names)
+    attributes = attributes if attributes is not None else sorted(seen_attributes)
+    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
+    labels = np.asarray([name_index.get(name, -1) for name, _ in crop_objects])
+    multi_hot = np.zeros((len(crop_objects), len(attributes)), np.float32)
+    for row, (_, attrs) in enumerate(crop_objects):
+        multi_hot[row, [attr_index[a] for a in attrs if a in attr_index]] = 1.0
+    return Crops(np.stack(pixels), labels, multi_hot, np.asarray(boxes)), names, attributes
 
 
 class CropClassifier(nn.Module):
