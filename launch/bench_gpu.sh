@@ -6,9 +6,10 @@
 # 1. what the machine has (card, driver, jax / flax / torch versions);
 # 2. a smoke step of traser_3b's exact shapes with 2 decoder and 2 vision layers, with the cuDNN
 #    fused attention (train.attention_impl=cudnn); if that fails, the main run uses `xla`;
-# 3. the main run: traser_3b, batch 1 x 4096 tokens, 32 frames at 448 px, 8 objects, after the
-#    Hugging Face PyTorch baseline (../shared/bench/hf_torch_baseline.py) on the same card; if it
-#    fails (out of memory), once more with train.remat=FALLBACK_REMAT (default dots_saveable).
+# 3. the main run: traser_3b (its preset's remat, dots_saveable), batch 1 x 4096 tokens, 32 frames
+#    at 448 px, 8 objects, and its decoder alone (--lm-step), after the Hugging Face PyTorch baseline
+#    (../shared/bench/hf_torch_baseline.py) on the same card; if it fails (out of memory, on a card
+#    smaller than an H100), once more with train.remat=FALLBACK_REMAT (default full).
 # Every step's log and JSON report land in OUT_DIR. PYTHON picks the interpreter (default python3);
 # SMOKE_TIMEOUT / MAIN_TIMEOUT bound each step in seconds, so one hang cannot eat the whole lease.
 set -uo pipefail
@@ -39,11 +40,11 @@ timeout "${SMOKE_TIMEOUT:-200}" "$PY" -m traser_jax.bench --config traser_3b "${
 
 echo "== main: traser_3b, attention_impl=$IMPL, with the PyTorch baseline"
 timeout "${MAIN_TIMEOUT:-420}" "$PY" -m traser_jax.bench --config traser_3b "${SHAPES[@]}" --steps 10 \
-    --warmup 2 --baseline --baseline-script "$BASELINE" --out "$OUT_DIR/main.json" \
+    --warmup 2 --lm-step --baseline --baseline-script "$BASELINE" --out "$OUT_DIR/main.json" \
     train.attention_impl=$IMPL 2>&1 | tee "$OUT_DIR/main.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] && exit 0
-# Out of memory without remat: the same step with rematerialization (the baseline's line is in main.log).
-echo "== main failed: again with train.remat=${FALLBACK_REMAT:-dots_saveable}, no baseline"
+# Out of memory: the same step with more rematerialization (the baseline's line is in main.log).
+echo "== main failed: again with train.remat=${FALLBACK_REMAT:-full}, no baseline"
 timeout "${FALLBACK_TIMEOUT:-300}" "$PY" -m traser_jax.bench --config traser_3b "${SHAPES[@]}" --steps 10 \
-    --warmup 2 --out "$OUT_DIR/remat.json" train.attention_impl=$IMPL train.remat=${FALLBACK_REMAT:-dots_saveable} \
+    --warmup 2 --out "$OUT_DIR/remat.json" train.attention_impl=$IMPL train.remat=${FALLBACK_REMAT:-full} \
     2>&1 | tee "$OUT_DIR/remat.log"

@@ -263,6 +263,8 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
                                           / (report["peak_tflops_per_device"] * 1e12), rel=0.01)
     parts = report["breakdown_s"]  # forward and forward + backward are timed apart from the step
     assert parts["forward"] > 0 and parts["backward"] > 0
+    assert report["profile_by_kind"]["total"] == pytest.approx(sum(  # every kind's time, and only that
+        v for k, v in report["profile_by_kind"].items() if k != "total"), abs=0.01)
     top = report["profile_top"]  # the traced steps' heaviest XLA ops, heaviest first
     assert len(top) >= 5 and all(row["ms_per_step"] > 0 and 0 < row["share_of_lane"] <= 1 for row in top)
     assert [row["ms_per_step"] for row in top] == sorted((row["ms_per_step"] for row in top), reverse=True)
@@ -320,14 +322,32 @@ def test_trace_summary_counts_self_time_of_device_events_per_step(tmp_path):
         ops += [{"ph": "X", "pid": 1, "tid": 7, "name": "wrapper", "ts": t, "dur": 45.0},
                 {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "ts": t + 1, "dur": 30.0,
                  "args": {"tf_op": "jit(step)/transpose(jvp(llm))/log_softmax"}},
-                {"ph": "X", "pid": 1, "tid": 7, "name": "dot.2", "ts": t + 32, "dur": 10.0},
+                {"ph": "X", "pid": 1, "tid": 7, "name": "dot.2", "ts": t + 32, "dur": 10.0,  # as a GPU trace
+                 "args": {"tf_op": "XlaModule:", "name": "jit(step)/while/body/llm/mlp"}},
                 {"ph": "X", "pid": 1, "tid": 7, "name": "fusion.1", "ts": t + 50, "dur": 20.0},
+                # the next kernel starts 1 us before fusion.1 ends: it follows it, it is not inside it
+                {"ph": "X", "pid": 1, "tid": 7, "name": "dot.2", "ts": t + 69, "dur": 4.0},
                 {"ph": "X", "pid": 2, "tid": 1, "name": "host_only", "ts": t, "dur": 500.0}]
     path = tmp_path / "perfetto_trace.json.gz"
     path.write_bytes(gzip.compress(json.dumps({"traceEvents": meta + ops}).encode()))
-    rows = bench.trace_summary(path, steps=2)
-    # per step: fusion.1 30 + 20 us, dot.2 10 us, the wrapper 45 - 30 - 10 = 5 us of its own; 65 us in all
+    summary = bench.trace_summary(path, steps=2)
+    rows = summary["top"]
+    # per step: fusion.1 30 + 20 us, dot.2 10 + 4 us, the wrapper 45 - 30 - 10 = 5 us of its own; 69 us in all
     assert [(r["event"], r["ms_per_step"], r["share_of_lane"]) for r in rows] == [
-        ("fusion.1", 0.05, 0.7692), ("dot.2", 0.01, 0.1538), ("wrapper", 0.005, 0.0769)]
+        ("fusion.1", 0.05, 0.7246), ("dot.2", 0.014, 0.2029), ("wrapper", 0.005, 0.0725)]
     assert rows[0]["lane"] == "/device:GPU:0 XLA Ops"
-    assert rows[0]["source"] == "jit(step)/transpose(jvp(llm))/log_softmax" and rows[1]["source"] == ""
+    assert rows[0]["source"] == "jit(step)/transpose(jvp(llm))/log_softmax"
+    assert rows[1]["source"] == "jit(step)/while/body/llm/mlp" and rows[2]["source"] == ""
+    assert summary["by_kind"] == {"elementwise": 0.05, "matmul": 0.014, "other": 0.005, "total": 0.069}
+
+
+def test_kernel_kinds_of_the_kernels_an_h200_trace_names():
+    """bench.kernel_kind on kernel names read off a traser_3b step's trace on an H200 (2026-11-26)."""
+    kinds = {"nvjet_sm90_tst_128x128_64x6_1x2_h_bz_NTT": "matmul", "gemm_fusion_dot_281": "matmul",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128": "attention",
+             "void cudnn::fusion::compute_dot_do_o_specialized": "attention",
+             "MemcpyD2D": "copy", "Memset 0": "copy", "loop_dynamic_update_slice_fusion_6": "dynamic_update_slice",
+             "input_reduce_fusion_54": "reduction", "loop_add_fusion_22": "elementwise",
+             "wrapped_transpose_4": "elementwise", "fusion_853": "elementwise",
+             "stream_executor::gpu::DelayKernel": "other", "ynn_fusion.118": "xnnpack"}  # the last on CPU
+    assert {name: bench.kernel_kind(name) for name in kinds} == kinds

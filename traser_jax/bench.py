@@ -294,21 +294,41 @@ def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
     return {"forward_s": forward_s, "forward_backward_s": forward_backward_s}
 
 
-def profile_steps(trainer, state, batch_np, out_dir: Path, steps: int = 3) -> tuple[Any, list[dict[str, Any]]]:
+def profile_steps(trainer, state, batch_np, out_dir: Path, steps: int = 3) -> tuple[Any, dict[str, Any]]:
     """`steps` train steps under jax.profiler (a TensorBoard / Perfetto trace in `out_dir`); returns the
-    state and the trace's heaviest events (`trace_summary`)."""
+    state and the trace's summary (`trace_summary`: heaviest events, time per kernel kind)."""
     with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
         for _ in range(steps):
             state, metrics = trainer.step(state, batch_np)
             jax.block_until_ready(metrics)
     traces = sorted(Path(out_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
-    return state, trace_summary(traces[-1], steps) if traces else []
+    return state, trace_summary(traces[-1], steps) if traces else {"top": [], "by_kind": {}}
 
 
-def trace_summary(trace_path: Path, steps: int, top: int = 25) -> list[dict[str, Any]]:
-    """The `top` events by total self time per step in a Perfetto trace, over the device lanes
-    (processes named /device:...; on CPU, XLA's own threads), each with its lane and share of its
-    lane's time."""
+# Kernel kinds by name: cuBLAS / cuDNN kernels and XLA's fusion names (GPU), HLO op names (CPU).
+# First match wins: a "gemm_fusion" is a matmul, a "reduce" inside an input fusion is a reduction.
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "flash", "fmha", "cudnn")),
+    ("matmul", ("nvjet", "cutlass", "gemm", "xmma", "dot", "convolution")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("dynamic_update_slice", ("dynamic_update_slice", "dynamic-update-slice")),
+    ("reduction", ("reduce",)),
+    ("xnnpack", ("ynn_",)),  # CPU: XNNPACK's fusions, matmuls with the ops fused around them
+    ("elementwise", ("loop_", "input_", "wrapped_", "fusion")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device event (KERNEL_KINDS), 'other' for none."""
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
+
+
+def trace_summary(trace_path: Path, steps: int, top: int = 25) -> dict[str, Any]:
+    """A Perfetto trace's device time per step, from the self time of each event on the device lanes
+    (processes named /device:...; on CPU, XLA's own threads):
+    - "top": the `top` events by self time, each with its lane and share of its lane's time;
+    - "by_kind": ms per step for each `kernel_kind`, heaviest first, and "total"."""
     import gzip
 
     trace = json.loads(gzip.open(trace_path).read())
@@ -340,26 +360,41 @@ def trace_summary(trace_path: Path, steps: int, top: int = 25) -> list[dict[str,
         for e, self_us in _self_times(lane_events):
             key = (name, e["name"])
             totals[key] = totals.get(key, 0.0) + self_us
-            args = e.get("args") or {}
-            if key not in source and (args.get("tf_op") or args.get("long_name")):
-                source[key] = str(args.get("tf_op") or args.get("long_name"))[:300]
+            if key not in source and _op_path(e.get("args") or {}):
+                source[key] = _op_path(e["args"])[:300]
     per_lane: dict[str, float] = {}
-    for (name, _), us in totals.items():
+    by_kind: dict[str, float] = {}
+    for (name, event), us in totals.items():
         per_lane[name] = per_lane.get(name, 0.0) + us
+        by_kind[kernel_kind(event)] = by_kind.get(kernel_kind(event), 0.0) + us
     heaviest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return [{"lane": name, "event": event, "ms_per_step": round(us / 1e3 / steps, 3),
-             "share_of_lane": round(us / per_lane[name], 4), "source": source.get((name, event), "")}
-            for (name, event), us in heaviest]
+    ms = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731
+    return {"top": [{"lane": name, "event": event, "ms_per_step": ms(us), "share_of_lane": round(us / per_lane[name], 4),
+                     "source": source.get((name, event), "")} for (name, event), us in heaviest],
+            "by_kind": {**{k: ms(us) for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                        "total": ms(sum(by_kind.values()))}}
+
+
+def _op_path(args: dict) -> str:
+    """The JAX op path of a trace event, where it carries one: "tf_op" on CPU; a GPU trace has only
+    "XlaModule:" there and puts the path in "name", on some of a kernel's launches."""
+    for key in ("tf_op", "name"):
+        if "/" in str(args.get(key) or ""):
+            return str(args[key])
+    return str(args.get("long_name") or "")
 
 
 def _self_times(events: list[dict]) -> list[tuple[dict, float]]:
     """Each event of one lane with its self time: its duration less that of the events directly
-    inside it (an executor's wrapper keeps only its own overhead, an op loses its end marker)."""
+    inside it (an executor's wrapper keeps only its own overhead, an op loses its end marker).
+
+    Inside means wholly inside. Consecutive GPU kernels can overlap by a microsecond or two in the
+    trace's timestamps; such a kernel follows the one before it, it is not nested in it."""
     ordered = sorted(events, key=lambda e: (float(e["ts"]), -float(e["dur"])))
     out, open_ = [], []  # open_: [event, self time] of the enclosing events, innermost last
     for e in ordered:
-        start = float(e["ts"])
-        while open_ and float(open_[-1][0]["ts"]) + float(open_[-1][0]["dur"]) <= start:
+        start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        while open_ and not start < float(open_[-1][0]["ts"]) + float(open_[-1][0]["dur"]) >= end:
             out.append(tuple(open_.pop()))
         if open_:
             open_[-1][1] -= float(e["dur"])
@@ -480,7 +515,8 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
                                  "backward": round(parts["forward_backward_s"] - parts["forward_s"], 5),
                                  "optimizer": round(step_s - parts["forward_backward_s"], 5)}
     if profile_dir is not None:
-        state, report["profile_top"] = profile_steps(trainer, state, batch_np, profile_dir)
+        state, summary = profile_steps(trainer, state, batch_np, profile_dir)
+        report["profile_top"], report["profile_by_kind"] = summary["top"], summary["by_kind"]
         report["profile_dir"] = str(profile_dir)
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
@@ -582,9 +618,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     baseline = None
     if args.baseline:  # before anything initializes JAX's backend, which claims most of the GPU memory
+        # Hugging Face's gradient checkpointing recomputes whole layers: the baseline gets it only when our
+        # step does too (remat full). A dots policy keeps every matmul output, so it runs against no remat.
         try:
             baseline = run_baseline(Path(args.baseline_script), seq=args.seq, frames=args.frames, res=args.res,
-                                    steps=args.steps, remat=cfg.train.remat != "none", peak_tflops=None)
+                                    steps=args.steps, remat=cfg.train.remat == "full", peak_tflops=None)
         except (FileNotFoundError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -618,6 +656,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["tokens_per_s_vs_baseline_lm_plus_vision"] = round(report["tokens_per_s"] / same_work, 3)
     print(json.dumps(report))
     print(human_line(report), file=sys.stderr)
+    if "profile_by_kind" in report:
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in report["profile_by_kind"].items())
+        print(f"  device ms/step by kernel kind: {kinds}", file=sys.stderr)
     for row in report.get("profile_top", []):
         print(f"  {row['ms_per_step']:9.3f} ms/step {100 * row['share_of_lane']:5.1f}%  {row['event'][:80]}  "
               f"[{row['lane']}] {row['source'][:120]}", file=sys.stderr)
