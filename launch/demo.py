@@ -12,7 +12,8 @@
    ground truth (prediction.png).
 
 Every step resumes: rerunning skips generated shards and finished training steps.
-`python launch/demo.py --data-only` stops after step 1. The model is runs/demo/scene_graph.
+`python launch/demo.py --data-only` stops after step 1, `--vision-only` after step 2 (launch/sweep.sh
+uses them). The model is runs/demo/scene_graph.
 """
 from __future__ import annotations
 
@@ -112,9 +113,11 @@ def evaluate(pred_path: Path) -> dict:
 
 def main() -> None:
     generate()
-    if "--data-only" in sys.argv[1:]:  # the toyworld splits alone (launch/sweep.sh uses them)
+    if "--data-only" in sys.argv[1:]:  # the toyworld splits alone
         return
     pretrain_vision()
+    if "--vision-only" in sys.argv[1:]:  # and the pretrained tower
+        return
     for run_dir, overrides in STAGES:
         sh("-m", "traser_jax.train", "demo", f"train.run_dir={run_dir}", f"data.train_dir={DATA / 'train'}",
            f"data.eval_dir={DATA / 'eval'}", *overrides)

@@ -34,6 +34,17 @@ def test_missing_data_outside_the_demo_defaults_is_named(tmp_path, capsys):
     assert "nope" in err and "data.train_dir" in err
 
 
+def test_a_missing_checkpoint_outside_the_demo_tower_is_named(tmp_path, capsys):
+    train = write_toyworld(tmp_path / "train", num_videos=1, seed=0)
+    spec = write_sweep(tmp_path / "s.yaml", {"tokens.window_seconds": [2]},
+                       {"data.train_dir": str(train), "data.eval_dir": str(train),
+                        "train.init_from": str(tmp_path / "no_tower")})
+    assert sweep.main([str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no_tower" in err and sweep.DEMO_VISION in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_window_length_sweep_end_to_end(tmp_path):
     """Two window lengths on toyworld: each run trains, predicts and is evaluated; the table, CSV
     and plot list both, with every metric a fraction."""

@@ -36,18 +36,29 @@ def load_sweep(path: str | Path) -> tuple[str, str, list[Any], dict[str, Any]]:
     return spec["base"], key, list(values), fixed
 
 
-def ensure_data(cfg: config_lib.Config) -> None:
-    """The demo's toyworld splits are generated when missing (the default data); other data must exist."""
-    paths = (Path(cfg.data.train_dir), Path(cfg.data.eval_dir))
-    if all(p.exists() for p in paths):
-        return
+DEMO_VISION = "runs/demo/vision"  # launch/demo.py's pretrained tower (traser_jax.pretrain_vision)
+
+
+def ensure_inputs(cfg: config_lib.Config) -> None:
+    """The demo's toyworld splits, and its pretrained tower when `train.init_from` names it, are made
+    by launch/demo.py when missing (the defaults); other data and checkpoints must exist."""
     demo = config_lib.load("demo")
-    if (cfg.data.train_dir, cfg.data.eval_dir) != (demo.data.train_dir, demo.data.eval_dir):
+    paths = (Path(cfg.data.train_dir), Path(cfg.data.eval_dir))
+    data_missing = not all(p.exists() for p in paths)
+    if data_missing and (cfg.data.train_dir, cfg.data.eval_dir) != (demo.data.train_dir, demo.data.eval_dir):
         missing = ", ".join(str(p) for p in paths if not p.exists())
         raise config_lib.ConfigError(f"no data at {missing}: set data.train_dir / data.eval_dir to shard "
                                      "directories (or leave them at the demo's toyworld defaults)")
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "launch" / "demo.py"), "--data-only"],
-                   check=True)
+    init = cfg.train.init_from
+    tower_missing = bool(init) and not Path(init).exists()
+    if tower_missing and Path(init) != Path(DEMO_VISION):
+        raise config_lib.ConfigError(f"no checkpoint at train.init_from={init} (or set it to {DEMO_VISION}, "
+                                     "the demo's pretrained tower, made when missing)")
+    demo_py = str(Path(__file__).parents[1] / "launch" / "demo.py")
+    if tower_missing:  # the data first, as the demo makes them
+        subprocess.run([sys.executable, demo_py, "--vision-only"], check=True)
+    elif data_missing:
+        subprocess.run([sys.executable, demo_py, "--data-only"], check=True)
 
 
 def run_one(base: str, overrides: list[str], run_dir: Path, eval_dir: str) -> dict[str, float]:
@@ -102,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base, key, values, fixed = load_sweep(args.sweep)
         shared = [f"{k}={v}" for k, v in fixed.items()] + list(args.overrides)
         cfg = config_lib.load(base, shared)
-        ensure_data(cfg)
+        ensure_inputs(cfg)
     except config_lib.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
