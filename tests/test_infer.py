@@ -237,13 +237,9 @@ def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, caps
         grounding.grounding_report(run_cfg, params, {k: v[:1] for k, v in batch.items()})
 
 
-def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
-    """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
-    step time and the FLOP count, the breakdown times a forward and a backward, --profile leaves a
-    trace and lists its heaviest ops, --lm-step trains the decoder alone from its init loss, and with
-    --baseline the ratios use the baseline script's JSON lines (here a script the test writes,
-    standing in for the CUDA-only PyTorch one with its output format)."""
-    script = tmp_path / "baseline.py"
+def write_baseline_stand_in(script):
+    """A script standing in for the CUDA-only PyTorch baseline, with its output format: its language model
+    steps 0.5 s at any --seq, its vision tower forward 0.25 s (16 frames/s)."""
     script.write_text(
         "import json, sys\n"
         "a = sys.argv\n"
@@ -251,6 +247,16 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
         "print(json.dumps({'what': 'hf_qwen25vl3b_lm_train_step', 'seq': seq, 'step_s': 0.5,"
         " 'tokens_per_s': seq / 0.5}))\n"
         "print(json.dumps({'what': 'hf_qwen25vl_vision_forward', 'forward_s': 0.25, 'frames_per_s': 16.0}))\n")
+    return script
+
+
+def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
+    """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
+    step time and the FLOP count, the breakdown times a forward and a backward, --profile leaves a
+    trace and lists its heaviest ops, --lm-step trains the decoder alone from its init loss, and with
+    --baseline the ratios use the baseline script's JSON lines (here a script the test writes,
+    standing in for the CUDA-only PyTorch one with its output format)."""
+    script = write_baseline_stand_in(tmp_path / "baseline.py")
     out = tmp_path / "report.json"
     argv = ["--config", "tiny", "--seq", "400", "--frames", "4", "--res", "112", "--objects", "2", "--steps", "2",
             "--breakdown", "--profile", str(tmp_path / "trace"), "--lm-step", "--baseline", "--baseline-script",
@@ -281,6 +287,25 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert lm["tokens_per_s_vs_baseline"] == pytest.approx(lm["tokens_per_s"] / 800, rel=1e-3)
     assert report["vision_frames_per_s_vs_baseline"] == pytest.approx(report["vision_frames_per_s"] / 16, rel=1e-3)
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
+
+
+def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, capsys):
+    """`bench --lm-step-only` skips the whole step: the report has the decoder's step, its MFU over the
+    decoder's FLOPs and its ratio to the baseline's language model, and no whole-step figures."""
+    script = write_baseline_stand_in(tmp_path / "baseline.py")
+    argv = ["--config", "tiny", "--seq", "256", "--steps", "2", "--lm-step-only", "--baseline", "--baseline-script",
+            str(script), "train.remat=dots_saveable"]
+    assert bench.main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert "step_s" not in report and "tokens_per_s_vs_baseline" not in report and report["remat"] == "dots_saveable"
+    lm = report["lm_step"]
+    assert lm["tokens_per_s"] == pytest.approx(256 / lm["step_s"], rel=1e-3)
+    decoder_flops = sum(bench.decoder_flops(config_lib.load("tiny"), 256, 1).values())
+    assert lm["mfu"] == pytest.approx(decoder_flops / lm["step_s"] / (report["peak_tflops_per_device"] * 1e12),
+                                      rel=0.01)
+    assert lm["tokens_per_s_vs_baseline"] == pytest.approx(lm["tokens_per_s"] / 512, rel=1e-3)
+    assert "decoder alone" in captured.err and "the baseline's language model" in captured.err
 
 
 def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys):

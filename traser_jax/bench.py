@@ -454,6 +454,18 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
             "mfu": None if peak is None else round(flops / step_s / peak, 4)}
 
 
+def lm_step_report(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+    """The report of `--lm-step-only`: the run's facts and `time_lm_step`, no whole step."""
+    device = jax.devices()[0]
+    peak, peak_source = peak_flops(device)
+    return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(device), "num_devices": 1,
+            "compute_dtype": cfg.train.compute_dtype, "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat,
+            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
+            "seq": seq, "peak_tflops_per_device": None if peak is None else _sig(peak / 1e12),
+            "peak_source": peak_source,
+            "lm_step": time_lm_step(cfg, seq=seq, batch=batch, steps=steps, warmup=warmup, peak=peak, seed=seed)}
+
+
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
                  peak_tflops: float | None) -> list[dict[str, Any]]:
     """The PyTorch baseline's JSON lines (run it before JAX takes the GPU)."""
@@ -544,17 +556,21 @@ def _sig(x: float) -> float:
 
 
 def human_line(r: dict[str, Any]) -> str:
-    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     peak = "n/a" if r["peak_tflops_per_device"] is None else f"{r['peak_tflops_per_device']:g} TFLOP/s"
-    line = (f"{r['config']} on {r['num_devices']}x {r['device']}: step {r['step_s']:.3f} s, "
-            f"{r['tokens_per_s']:,.0f} tokens/s (batch {r['batch']} x seq {r['seq']}), "
-            f"{r['achieved_tflops']:.3g} TFLOP/s = MFU {mfu} of {peak} ({r['peak_source']}); "
-            f"vision tower {r['vision_frames_per_s']:.1f} frames/s")
+    line = f"{r['config']} on {r['num_devices']}x {r['device']}"
+    if "step_s" in r:  # the whole step (not --lm-step-only)
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        line += (f": step {r['step_s']:.3f} s, "
+                 f"{r['tokens_per_s']:,.0f} tokens/s (batch {r['batch']} x seq {r['seq']}), "
+                 f"{r['achieved_tflops']:.3g} TFLOP/s = MFU {mfu} of {peak} ({r['peak_source']}); "
+                 f"vision tower {r['vision_frames_per_s']:.1f} frames/s")
+    else:
+        line += f" (batch {r['batch']} x seq {r['seq']}, MFU of {peak})"
     if "breakdown_s" in r:
         line += "; " + ", ".join(f"{k} {v:.3f} s" for k, v in r["breakdown_s"].items())
     if "lm_step" in r:
         lm = r["lm_step"]
-        line += f"; decoder alone {lm['tokens_per_s']:,.0f} tokens/s"
+        line += f"; decoder alone {lm['step_s']:.3f} s, {lm['tokens_per_s']:,.0f} tokens/s"
         if lm["mfu"] is not None:
             line += f" (MFU {100 * lm['mfu']:.1f}%)"
         if "tokens_per_s_vs_baseline" in lm:
@@ -590,6 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lm-step", action="store_true",
                         help="also time the decoder alone as the PyTorch baseline trains its language model "
                              "(random tokens, loss on every position): lm_step, and its ratio to the baseline")
+    parser.add_argument("--lm-step-only", action="store_true",
+                        help="time only the decoder alone (lm_step), not the whole step: a quick way to compare "
+                             "decoder variants (remat, attention, XLA flags)")
     parser.add_argument("--memory-plan", action="store_true",
                         help="only compile the step and report XLA's memory plan per device (arguments, outputs, "
                              "temporaries, peak; GiB) without allocating or running anything")
@@ -629,28 +648,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in baseline:  # kept in the log even if our own step fails below
             print(f"baseline: {json.dumps(line)}", file=sys.stderr, flush=True)
     try:
-        report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
-                       object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup, seed=args.seed,
-                       breakdown=args.breakdown, profile_dir=Path(args.profile) if args.profile else None)
+        if args.lm_step_only:
+            report = lm_step_report(cfg, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                    seed=args.seed)
+        else:
+            report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
+                           object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                           seed=args.seed, breakdown=args.breakdown,
+                           profile_dir=Path(args.profile) if args.profile else None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.lm_step:  # after bench() has let go of the full model's state
+    if args.lm_step and not args.lm_step_only:  # after bench() has let go of the full model's state
         peak = report["peak_tflops_per_device"]  # the same peak as the full step's MFU
         report["lm_step"] = time_lm_step(cfg, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
                                          peak=None if peak is None else peak * 1e12, seed=args.seed)
     if baseline is not None:
         report["baseline"] = baseline
         lm = next((b for b in baseline if b.get("what") == "hf_qwen25vl3b_lm_train_step"), None)
-        if lm:
+        whole = "tokens_per_s" in report  # not --lm-step-only
+        if lm and whole:
             report["tokens_per_s_vs_baseline"] = round(report["tokens_per_s"] / lm["tokens_per_s"], 3)
         if lm and "lm_step" in report:  # language model against language model
             report["lm_step"]["tokens_per_s_vs_baseline"] = round(
                 report["lm_step"]["tokens_per_s"] / lm["tokens_per_s"], 3)
         vis = next((b for b in baseline if b.get("what") == "hf_qwen25vl_vision_forward"), None)
-        if vis:
+        if vis and whole:
             report["vision_frames_per_s_vs_baseline"] = round(report["vision_frames_per_s"] / vis["frames_per_s"], 3)
-        if lm and vis:  # the same work as our step: the LM train step plus the frozen tower's forward
+        if lm and vis and whole:  # the same work as our step: the LM train step plus the frozen tower's forward
             same_work = lm["seq"] / (lm["step_s"] + vis["forward_s"])
             report["baseline_lm_plus_vision_tokens_per_s"] = round(same_work, 1)
             report["tokens_per_s_vs_baseline_lm_plus_vision"] = round(report["tokens_per_s"] / same_work, 3)
