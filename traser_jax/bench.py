@@ -369,8 +369,9 @@ def trace_summary(trace_path: Path, steps: int, top: int = 25) -> dict[str, Any]
         by_kind[kernel_kind(event)] = by_kind.get(kernel_kind(event), 0.0) + us
     heaviest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     ms = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731
-    return {"top": [{"lane": name, "event": event, "ms_per_step": ms(us), "share_of_lane": round(us / per_lane[name], 4),
-                     "source": source.get((name, event), "")} for (name, event), us in heaviest],
+    return {"top": [{"lane": name, "event": event, "ms_per_step": ms(us),
+                     "share_of_lane": round(us / per_lane[name], 4), "source": source.get((name, event), "")}
+                    for (name, event), us in heaviest],
             "by_kind": {**{k: ms(us) for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
                         "total": ms(sum(by_kind.values()))}}
 
