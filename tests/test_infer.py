@@ -291,10 +291,11 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
 
 def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, capsys):
     """`bench --lm-step-only` skips the whole step: the report has the decoder's step, its MFU over the
-    decoder's FLOPs and its ratio to the baseline's language model, and no whole-step figures."""
+    decoder's FLOPs, its ratio to the baseline's language model and (--profile) its trace's summary, and
+    no whole-step figures."""
     script = write_baseline_stand_in(tmp_path / "baseline.py")
-    argv = ["--config", "tiny", "--seq", "256", "--steps", "2", "--lm-step-only", "--baseline", "--baseline-script",
-            str(script), "train.remat=dots_saveable"]
+    argv = ["--config", "tiny", "--seq", "256", "--steps", "2", "--lm-step-only", "--profile", str(tmp_path / "trace"),
+            "--baseline", "--baseline-script", str(script), "train.remat=dots_saveable"]
     assert bench.main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
@@ -306,6 +307,9 @@ def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, cap
                                       rel=0.01)
     assert lm["tokens_per_s_vs_baseline"] == pytest.approx(lm["tokens_per_s"] / 512, rel=1e-3)
     assert "decoder alone" in captured.err and "the baseline's language model" in captured.err
+    assert lm["profile_by_kind"]["total"] > 0 and lm["profile_top"]  # the decoder's steps were traced
+    assert list((tmp_path / "trace").glob("plugins/profile/*/perfetto_trace.json.gz"))
+    assert "by kernel kind" in captured.err
 
 
 def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys):

@@ -254,8 +254,9 @@ def timed(run, steps: int, warmup: int = 1) -> list[float]:
     return times
 
 
-def time_train_step(trainer, state, batch, warmup: int, steps: int) -> tuple[list[float], Any, dict]:
-    """Seconds of each timed `Trainer.step` (after `warmup` untimed ones), the final state, last metrics."""
+def time_train_step(trainer, state, batch, warmup: int, steps: int) -> tuple[list[float], Any, dict, Any]:
+    """Seconds of each timed `Trainer.step` (after `warmup` untimed ones), the final state, last metrics,
+    and the function that runs one more step (for `profile_runs`; it carries the state on)."""
     held = {"state": state}  # each step donates the state it is given
 
     def run():
@@ -263,7 +264,7 @@ def time_train_step(trainer, state, batch, warmup: int, steps: int) -> tuple[lis
         return held["metrics"]
 
     times = timed(run, steps, warmup)
-    return times, held["state"], jax.device_get(held["metrics"])
+    return times, held["state"], jax.device_get(held["metrics"]), run
 
 
 def time_vision_forward(cfg: Config, params: dict, pixel_values: np.ndarray, grid, steps: int) -> float:
@@ -294,15 +295,15 @@ def time_breakdown(trainer, state, batch_np, steps: int) -> dict[str, float]:
     return {"forward_s": forward_s, "forward_backward_s": forward_backward_s}
 
 
-def profile_steps(trainer, state, batch_np, out_dir: Path, steps: int = 3) -> tuple[Any, dict[str, Any]]:
-    """`steps` train steps under jax.profiler (a TensorBoard / Perfetto trace in `out_dir`); returns the
-    state and the trace's summary (`trace_summary`: heaviest events, time per kernel kind)."""
+def profile_runs(run, out_dir: Path, steps: int = 3) -> dict[str, Any]:
+    """`steps` calls of `run` (returning the arrays to wait for) under jax.profiler, a TensorBoard /
+    Perfetto trace in `out_dir`; the trace's summary (`trace_summary`: heaviest events, time per
+    kernel kind)."""
     with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
         for _ in range(steps):
-            state, metrics = trainer.step(state, batch_np)
-            jax.block_until_ready(metrics)
+            jax.block_until_ready(run())
     traces = sorted(Path(out_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
-    return state, trace_summary(traces[-1], steps) if traces else {"top": [], "by_kind": {}}
+    return trace_summary(traces[-1], steps) if traces else {"top": [], "by_kind": {}}
 
 
 # Kernel kinds by name: cuBLAS / cuDNN kernels and XLA's fusion names (GPU), HLO op names (CPU).
@@ -405,11 +406,12 @@ def _self_times(events: list[dict]) -> list[tuple[dict, float]]:
 
 
 def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, peak: float | None,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, profile_dir: Path | None = None) -> dict[str, Any]:
     """The decoder alone, trained as the PyTorch baseline trains its language model: `batch` x `seq`
     random token ids, next-token loss on every position, the training optimizer over the decoder (its
     `llm` group), the config's dtypes, remat and attention; one device. Median seconds of `steps`
-    steps after `warmup`, tokens/s, and MFU over the decoder's model FLOPs against `peak` FLOP/s."""
+    steps after `warmup`, tokens/s, and MFU over the decoder's model FLOPs against `peak` FLOP/s;
+    with `profile_dir`, 3 more steps traced (`profile_runs`)."""
     import flax.linen as nn
     import optax
 
@@ -450,13 +452,20 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
 
     step_s = statistics.median(timed(run, steps, warmup))
     flops = sum(decoder_flops(cfg, seq, batch).values())
-    return {"step_s": round(step_s, 5), "tokens_per_s": round(batch * seq / step_s, 1),
-            "loss": float(held["loss"]), "model_flops_per_step": _sig(flops),
-            "mfu": None if peak is None else round(flops / step_s / peak, 4)}
+    report = {"step_s": round(step_s, 5), "tokens_per_s": round(batch * seq / step_s, 1),
+              "loss": float(held["loss"]), "model_flops_per_step": _sig(flops),
+              "mfu": None if peak is None else round(flops / step_s / peak, 4)}
+    if profile_dir is not None:
+        summary = profile_runs(run, profile_dir)
+        report["profile_top"], report["profile_by_kind"] = summary["top"], summary["by_kind"]
+        report["profile_dir"] = str(profile_dir)
+    return report
 
 
-def lm_step_report(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
-    """The report of `--lm-step-only`: the run's facts and `time_lm_step`, no whole step."""
+def lm_step_report(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, seed: int = 0,
+                   profile_dir: Path | None = None) -> dict[str, Any]:
+    """The report of `--lm-step-only`: the run's facts and `time_lm_step` (profiled with `profile_dir`),
+    no whole step."""
     device = jax.devices()[0]
     peak, peak_source = peak_flops(device)
     return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(device), "num_devices": 1,
@@ -464,7 +473,8 @@ def lm_step_report(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int
             "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
             "seq": seq, "peak_tflops_per_device": None if peak is None else _sig(peak / 1e12),
             "peak_source": peak_source,
-            "lm_step": time_lm_step(cfg, seq=seq, batch=batch, steps=steps, warmup=warmup, peak=peak, seed=seed)}
+            "lm_step": time_lm_step(cfg, seq=seq, batch=batch, steps=steps, warmup=warmup, peak=peak, seed=seed,
+                                    profile_dir=profile_dir)}
 
 
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
@@ -496,7 +506,7 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
                                       object_cells=object_cells, batch=batch, seed=seed)
     trainer = Trainer(cfg)
     state = trainer.init_state(seed)
-    times, state, metrics = time_train_step(trainer, state, batch_np, warmup, steps)
+    times, state, metrics, run_step = time_train_step(trainer, state, batch_np, warmup, steps)
     step_s = statistics.median(times)
     grid = tuple(int(x) for x in sizes["grid"])
     flops = model_flops(cfg, seq=seq, batch=batch, grid=grid, selected=sizes["selected"], objects=objects,
@@ -528,7 +538,7 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
                                  "backward": round(parts["forward_backward_s"] - parts["forward_s"], 5),
                                  "optimizer": round(step_s - parts["forward_backward_s"], 5)}
     if profile_dir is not None:
-        state, summary = profile_steps(trainer, state, batch_np, profile_dir)
+        summary = profile_runs(run_step, profile_dir)
         report["profile_top"], report["profile_by_kind"] = summary["top"], summary["by_kind"]
         report["profile_dir"] = str(profile_dir)
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
@@ -603,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "into forward (vision tower included), backward and optimizer")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also trace 3 steps with jax.profiler into DIR (TensorBoard / Perfetto) and report "
-                             "the heaviest device events as profile_top")
+                             "the heaviest device events as profile_top, the time per kernel kind as "
+                             "profile_by_kind (with --lm-step-only: of the decoder's step, in lm_step)")
     parser.add_argument("--lm-step", action="store_true",
                         help="also time the decoder alone as the PyTorch baseline trains its language model "
                              "(random tokens, loss on every position): lm_step, and its ratio to the baseline")
@@ -651,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.lm_step_only:
             report = lm_step_report(cfg, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                                    seed=args.seed)
+                                    seed=args.seed, profile_dir=Path(args.profile) if args.profile else None)
         else:
             report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
                            object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup,
@@ -682,10 +693,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["tokens_per_s_vs_baseline_lm_plus_vision"] = round(report["tokens_per_s"] / same_work, 3)
     print(json.dumps(report))
     print(human_line(report), file=sys.stderr)
-    if "profile_by_kind" in report:
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in report["profile_by_kind"].items())
+    profiled = report if "profile_by_kind" in report else report.get("lm_step", {})  # --lm-step-only --profile
+    if "profile_by_kind" in profiled:
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in profiled["profile_by_kind"].items())
         print(f"  device ms/step by kernel kind: {kinds}", file=sys.stderr)
-    for row in report.get("profile_top", []):
+    for row in profiled.get("profile_top", []):
         print(f"  {row['ms_per_step']:9.3f} ms/step {100 * row['share_of_lane']:5.1f}%  {row['event'][:80]}  "
               f"[{row['lane']}] {row['source'][:120]}", file=sys.stderr)
     if args.out:
