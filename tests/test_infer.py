@@ -310,6 +310,9 @@ def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, cap
     assert lm["profile_by_kind"]["total"] > 0 and lm["profile_top"]  # the decoder's steps were traced
     assert list((tmp_path / "trace").glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert "by kernel kind" in captured.err
+    with pytest.raises(SystemExit):  # the whole step's breakdown has no meaning without the whole step
+        bench.main(["--config", "tiny", "--lm-step-only", "--breakdown"])
+    assert "--lm-step-only" in capsys.readouterr().err
 
 
 def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys):

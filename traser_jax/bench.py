@@ -629,6 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
+    if args.lm_step_only and (args.breakdown or args.memory_plan):
+        parser.error("--lm-step-only times the decoder alone; --breakdown and --memory-plan are of the whole step")
     try:
         cfg = config_lib.load(args.config, args.overrides)
     except config_lib.ConfigError as err:
