@@ -361,13 +361,15 @@ def trace_summary(trace_path: Path, steps: int, top: int = 25) -> dict[str, Any]
         for e, self_us in _self_times(lane_events):
             key = (name, e["name"])
             totals[key] = totals.get(key, 0.0) + self_us
-            if key not in source and _op_path(e.get("args") or {}):
-                source[key] = _op_path(e["args"])[:300]
+            path = "" if key in source else _op_path(e.get("args") or {})
+            if path:
+                source[key] = path[:300]
     per_lane: dict[str, float] = {}
     by_kind: dict[str, float] = {}
     for (name, event), us in totals.items():
         per_lane[name] = per_lane.get(name, 0.0) + us
-        by_kind[kernel_kind(event)] = by_kind.get(kernel_kind(event), 0.0) + us
+        kind = kernel_kind(event)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
     heaviest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     ms = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731
     return {"top": [{"lane": name, "event": event, "ms_per_step": ms(us),
@@ -462,17 +464,22 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     return report
 
 
+def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int) -> dict[str, Any]:
+    """What every report starts with: the config, the machine, and the settings that change a step's speed."""
+    return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
+            "num_devices": num_devices, "compute_dtype": cfg.train.compute_dtype,
+            "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat,
+            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
+            "seq": seq}
+
+
 def lm_step_report(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, seed: int = 0,
                    profile_dir: Path | None = None) -> dict[str, Any]:
     """The report of `--lm-step-only`: the run's facts and `time_lm_step` (profiled with `profile_dir`),
     no whole step."""
-    device = jax.devices()[0]
-    peak, peak_source = peak_flops(device)
-    return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(device), "num_devices": 1,
-            "compute_dtype": cfg.train.compute_dtype, "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat,
-            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
-            "seq": seq, "peak_tflops_per_device": None if peak is None else _sig(peak / 1e12),
-            "peak_source": peak_source,
+    peak, peak_source = peak_flops(jax.devices()[0])
+    return {**run_facts(cfg, batch=batch, seq=seq, num_devices=1),
+            "peak_tflops_per_device": None if peak is None else _sig(peak / 1e12), "peak_source": peak_source,
             "lm_step": time_lm_step(cfg, seq=seq, batch=batch, steps=steps, warmup=warmup, peak=peak, seed=seed,
                                     profile_dir=profile_dir)}
 
@@ -516,10 +523,8 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     params = optim.merge(state["params"], state["frozen"])
     vision_s = time_vision_forward(cfg, params, batch_np["pixel_values"][0], grid, steps)
     report = {
-        "config": cfg.name, "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-        "device": device_name(devices[0]),
-        "num_devices": len(devices), "compute_dtype": cfg.train.compute_dtype, "param_dtype": cfg.train.param_dtype,
-        "remat": cfg.train.remat, "batch": batch, "seq": seq, "frames": frames, "res": res, "objects": objects,
+        **run_facts(cfg, batch=batch, seq=seq, num_devices=len(devices)), "device_kind": devices[0].device_kind,
+        "frames": frames, "res": res, "objects": objects,
         "selected_tokens": sizes["selected"], "windows": sizes["windows"], "answer_tokens": sizes["answer_tokens"],
         "steps": steps, "step_s": round(step_s, 5), "step_s_all": [round(t, 5) for t in times],
         "tokens_per_s": round(batch * seq / step_s, 1),
@@ -555,10 +560,8 @@ def memory_plan_report(cfg: Config, *, seq: int, frames: int, res: int, objects:
     batch_np, sizes = synthetic_batch(cfg, seq=seq, frames=frames, res=res, objects=objects,
                                       object_cells=object_cells, batch=batch, seed=seed)
     plan = Trainer(cfg).memory_plan(batch_np)
-    return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
-            "num_devices": jax.device_count(), "compute_dtype": cfg.train.compute_dtype, "remat": cfg.train.remat,
-            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
-            "seq": seq, "frames": frames, "res": res, "objects": objects, "selected_tokens": sizes["selected"],
+    return {**run_facts(cfg, batch=batch, seq=seq, num_devices=jax.device_count()),
+            "frames": frames, "res": res, "objects": objects, "selected_tokens": sizes["selected"],
             "memory_plan_gib": {k: round(v / 2 ** 30, 3) for k, v in plan.items()}}
 
 
