@@ -9,7 +9,9 @@
 # 3. the main run: traser_3b (its preset's remat, dots_saveable), batch 1 x 4096 tokens, 32 frames
 #    at 448 px, 8 objects, and its decoder alone (--lm-step), after the Hugging Face PyTorch baseline
 #    (../shared/bench/hf_torch_baseline.py) on the same card; if it fails (out of memory, on a card
-#    smaller than an H100), once more with train.remat=FALLBACK_REMAT (default full).
+#    smaller than an H100), once more with train.remat=FALLBACK_REMAT (default full);
+# 4. after a main run that fits, the decoder alone at batch 2 with each train.weight_cast (per_layer,
+#    per_step: the layer stacks cast to bf16 once per step), about 20 s each.
 # Every step's log and JSON report land in OUT_DIR. PYTHON picks the interpreter (default python3);
 # SMOKE_TIMEOUT / MAIN_TIMEOUT bound each step in seconds, so one hang cannot eat the whole lease.
 set -uo pipefail
@@ -42,7 +44,15 @@ echo "== main: traser_3b, attention_impl=$IMPL, with the PyTorch baseline"
 timeout "${MAIN_TIMEOUT:-420}" "$PY" -m traser_jax.bench --config traser_3b "${SHAPES[@]}" --steps 10 \
     --warmup 2 --lm-step --baseline --baseline-script "$BASELINE" --out "$OUT_DIR/main.json" \
     train.attention_impl=$IMPL 2>&1 | tee "$OUT_DIR/main.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] && exit 0
+if [ "${PIPESTATUS[0]}" -eq 0 ]; then
+    for CAST in per_layer per_step; do
+        echo "== variant: decoder alone, batch 2, train.weight_cast=$CAST"
+        timeout "${VARIANT_TIMEOUT:-120}" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 2 \
+            --steps 10 --warmup 2 --lm-step-only --out "$OUT_DIR/lm_b2_$CAST.json" train.attention_impl=$IMPL \
+            train.weight_cast=$CAST 2>&1 | tee "$OUT_DIR/lm_b2_$CAST.log"
+    done
+    exit 0
+fi
 # Out of memory: the same step with more rematerialization (the baseline's line is in main.log).
 echo "== main failed: again with train.remat=${FALLBACK_REMAT:-full}, no baseline"
 timeout "${FALLBACK_TIMEOUT:-300}" "$PY" -m traser_jax.bench --config traser_3b "${SHAPES[@]}" --steps 10 \

@@ -206,10 +206,12 @@ def test_attention_impl_from_config_gives_the_same_logits(setup):
 def test_special_token_past_the_vocabulary_and_cudnn_in_float32_are_refused():
     """A vocab_size override below the special ids (the real Qwen ids with a small table) is a ConfigError
     naming the ids (without the check the lookup would quietly give NaN embeddings); so is cuDNN attention
-    with float32 compute, which its kernel does not take."""
+    with float32 compute, which its kernel does not take, and an unknown train.weight_cast."""
     cfg = config_lib.load("traser_3b", ["text.vocab_size=4096"])
     with pytest.raises(config_lib.ConfigError, match=r"tokens.vision_start_id.*151652.*text.vocab_size 4096"):
         check_shapes(cfg)
     check_shapes(config_lib.load("traser_3b"))
     with pytest.raises(config_lib.ConfigError, match="cudnn needs train.compute_dtype bfloat16"):
         check_shapes(config_lib.load("demo", ["train.attention_impl=cudnn"]))  # demo computes in float32
+    with pytest.raises(config_lib.ConfigError, match="weight_cast 'once'.*per_layer, per_step"):
+        check_shapes(config_lib.load("tiny", ["train.weight_cast=once"]))

@@ -171,3 +171,67 @@ def test_loss_in_chunks_equals_the_loss_over_whole_sequences(chunk):
     for a, b in zip(g_chunked, g_whole):
         assert float(jnp.abs(b).max()) > 0
         assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())
+
+
+def _scans(jaxpr):
+    """Every scan equation of a jaxpr, sub-jaxprs (remat, pjit, scan bodies) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _scans(inner)
+
+
+def test_weight_cast_per_step_gives_the_per_layer_numbers(tmp_path):
+    """bf16 compute over float32 weights, two micro-batches, the tower frozen: casting the layer stacks
+    once per step (train.weight_cast=per_step) gives the loss and float32 gradients of casting each
+    layer's weights inside the loops, and then no layer loop sees a float32 stack."""
+    import copy
+
+    from traser_jax import data as data_lib
+    from traser_jax.train import Trainer, layer_stack_paths, make_grad_fn, statics_of
+    from train_fixtures import train_overrides, write_toyworld
+
+    data = write_toyworld(tmp_path / "data", num_videos=4)
+    cfg = config_lib.load("tiny", train_overrides(data, tmp_path / "run", "train.compute_dtype=bfloat16",
+                                                  "data.global_batch_size=4", "data.grad_accum_steps=2",
+                                                  "optim.lr_vision=0"))
+    batch = next(iter(data_lib.train_dataset(cfg, data_lib.run_tokenizer(cfg))))
+    per_step_cfg = config_lib.apply_overrides(copy.deepcopy(cfg), {"train.weight_cast": "per_step"})
+    per_layer, per_step = Trainer(cfg), Trainer(per_step_cfg)
+    state = jax.device_get(per_layer.init_state(0))
+    loss_a, grads_a = jax.device_get(per_layer.loss_and_grads(jax.device_put(state, per_layer.state_shardings), batch))
+    loss_b, grads_b = jax.device_get(per_step.loss_and_grads(jax.device_put(state, per_step.state_shardings), batch))
+    assert np.isfinite(loss_a) and abs(float(loss_b) - float(loss_a)) <= 1e-6 * abs(float(loss_a))
+    flat_a, flat_b = traverse_util.flatten_dict(grads_a), traverse_util.flatten_dict(grads_b)
+    assert flat_a.keys() == flat_b.keys()
+    # A weight a layer uses twice (the resamplers' key and value projections, over the context and over
+    # the latents) has its two gradients summed in bf16, not float32: bf16 rounding. Every other
+    # gradient is the same to the bit.
+    twice = {(resampler, "layers", proj, "kernel") for resampler in ("otr_resampler", "twr_resampler")
+             for proj in ("k_proj", "v_proj")}
+    for path, a in flat_a.items():
+        b = flat_b[path]
+        assert a.dtype == b.dtype == np.float32, path
+        assert float(np.abs(a).max()) > 0, path
+        if path in twice:
+            assert float(np.abs(b - a).max()) <= 2 ** -7 * float(np.abs(a).max()), path
+        else:
+            np.testing.assert_array_equal(b, a, err_msg=str(path))
+
+    # What the layer loops see: per_layer's float32 stacks (and bf16 casts saved for the backward),
+    # per_step's bf16 stacks only.
+    stack_shapes = {tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(
+        abstract_params(cfg, boxed=False)).items() if path in layer_stack_paths(cfg)}
+    arrays = {k: np.asarray(v) for k, v in per_layer.put_batch(batch).items()}
+    trainable, frozen = state["params"], state["frozen"]
+    for trainer, want in ((per_layer, {jnp.float32, jnp.bfloat16}), (per_step, {jnp.bfloat16})):
+        grad_fn = make_grad_fn(trainer.model, 1)
+        with trainer.context():
+            jaxpr = jax.make_jaxpr(lambda t, f, b: grad_fn(t, f, b, statics_of(batch)))(trainable, frozen, arrays)
+        seen = {v.aval.dtype for eqn in _scans(jaxpr.jaxpr) for v in eqn.invars
+                if tuple(v.aval.shape) in stack_shapes and v.aval.shape[0] == eqn.params["length"]}
+        assert seen == {jnp.dtype(d) for d in want}, (trainer.cfg.train.weight_cast, seen)

@@ -420,7 +420,7 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     from traser_jax import optim
     from traser_jax.modules.layers import dtype_of
     from traser_jax.modules.text import TextDecoder
-    from traser_jax.train import sequence_loss
+    from traser_jax.train import cast_layer_stacks, sequence_loss
 
     t = cfg.text
     decoder = TextDecoder(t, dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
@@ -439,8 +439,11 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
                                      cfg.train.loss_chunk)
         return total / jnp.maximum(count, 1)
 
+    cast = cast_layer_stacks(cfg)  # the decoder's stacks sit at the same paths as in the whole model
+
     def step(p, opt_state):
-        loss, grads = jax.value_and_grad(mean_loss)(p)
+        loss, grads = jax.value_and_grad(mean_loss)(cast(p))
+        grads = jax.tree.map(lambda g, q: g.astype(q.dtype), grads, p)
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
@@ -469,7 +472,7 @@ def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int) -> dict[st
     return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
             "num_devices": num_devices, "compute_dtype": cfg.train.compute_dtype,
             "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat,
-            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
+            "weight_cast": cfg.train.weight_cast, "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
             "seq": seq}
 
 

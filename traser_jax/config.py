@@ -147,6 +147,12 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots_saveable
+    # Where the float32 weights of the scanned layer stacks become compute_dtype: per_layer (each
+    # layer's weights inside the layer loop, again in a remat recompute) | per_step (the whole stacks
+    # once per step; their gradients come back stacked in compute_dtype). The same gradients to the bit,
+    # but for a weight a layer uses twice (the resamplers' k/v projections): its two parts are summed
+    # in compute_dtype (train.make_grad_fn; tests/test_train.py).
+    weight_cast: str = "per_layer"
     # Vision tower and decoder attention: einsum (any backend; the parity reference) | xla
     # (jax.nn.dot_product_attention) | cudnn (its fused kernel: NVIDIA GPUs, bf16/fp16 compute).
     attention_impl: str = "einsum"

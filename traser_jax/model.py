@@ -44,6 +44,7 @@ from traser_jax.modules.text import Cache, TextDecoder, init_cache  # noqa: F401
 from traser_jax.modules.vision import VisionTower
 
 Grids = tuple[tuple[int, int, int], ...]
+WEIGHT_CASTS = ("per_layer", "per_step")  # train.weight_cast (train.cast_layer_stacks)
 
 
 def check_shapes(cfg: Config) -> None:
@@ -59,6 +60,9 @@ def check_shapes(cfg: Config) -> None:
     if cfg.train.attention_impl not in ATTENTION_IMPLS:
         raise config_lib.ConfigError(f"train.attention_impl {cfg.train.attention_impl!r}: expected one of "
                                      f"{', '.join(ATTENTION_IMPLS)}")
+    if cfg.train.weight_cast not in WEIGHT_CASTS:
+        raise config_lib.ConfigError(f"train.weight_cast {cfg.train.weight_cast!r}: expected one of "
+                                     f"{', '.join(WEIGHT_CASTS)}")
     if cfg.train.attention_impl == "cudnn" and cfg.train.compute_dtype not in ("bfloat16", "float16"):
         raise config_lib.ConfigError(f"train.attention_impl cudnn needs train.compute_dtype bfloat16 or "
                                      f"float16 (cuDNN's fused attention), not {cfg.train.compute_dtype!r}")

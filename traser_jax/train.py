@@ -40,6 +40,7 @@ from traser_jax import optim, sharding
 from traser_jax.config import Config
 from traser_jax.data import DEVICE_KEYS
 from traser_jax.model import Traser, abstract_params, embed_batch, init_params
+from traser_jax.modules.layers import dtype_of
 from traser_jax.tokens import IGNORE_INDEX
 
 
@@ -155,22 +156,50 @@ def micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Arra
     return jax.tree.map(split, batch)
 
 
+def layer_stack_paths(cfg: Config) -> frozenset[tuple[str, ...]]:
+    """Flattened paths of the parameters on the scanned `layers` axis (the stacks nn.scan loops over)."""
+    flat = traverse_util.flatten_dict(abstract_params(cfg, boxed=True))
+    return frozenset(path for path, leaf in flat.items()
+                     if isinstance(leaf, nn.Partitioned) and leaf.names and leaf.names[0] == sharding.LAYERS)
+
+
+def cast_layer_stacks(cfg: Config):
+    """`train.weight_cast` as a function on parameter trees. per_step casts the scanned layer stacks to
+    compute_dtype (every module casts its weights to compute_dtype before use, so that cast becomes a
+    no-op inside the layer loops and their remat recomputes); per_layer returns the tree as it is."""
+    if cfg.train.weight_cast == "per_layer":
+        return lambda tree: tree
+    paths, dtype = layer_stack_paths(cfg), dtype_of(cfg.train.compute_dtype)
+
+    def cast(tree: dict) -> dict:
+        flat = traverse_util.flatten_dict(tree)
+        return traverse_util.unflatten_dict({p: v.astype(dtype) if p in paths else v for p, v in flat.items()})
+    return cast
+
+
 def make_grad_fn(model: Traser, accum: int):
     """(trainable, frozen, batch, statics) -> (mean loss over answer tokens, its gradient, token count).
 
     The sums over `accum` micro-batches (a scan) are divided by the batch's answer-token count, so the
-    result does not depend on `accum`."""
+    result does not depend on `accum`. With train.weight_cast=per_step the layer stacks are cast once,
+    before that scan, and their gradients come back in compute_dtype: each is converted as it is added
+    to the float32 sums, the convert a per-layer cast's transpose does inside the loop."""
+    cast = cast_layer_stacks(model.cfg)
 
     def grad_fn(trainable, frozen, batch, statics):
-        def micro_loss(trainable, mb):
-            return answer_loss(model, optim.merge(trainable, frozen), mb, statics)
+        frozen = cast(frozen)
+
+        def micro_loss(params, mb):
+            return answer_loss(model, optim.merge(params, frozen), mb, statics)
 
         value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
+        params = cast(trainable)
 
         def body(carry, mb):
             grads, loss_sum, count = carry
-            (loss, n), g = value_and_grad(trainable, mb)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+            (loss, n), g = value_and_grad(params, mb)
+            return (jax.tree.map(lambda total, x: total + x.astype(total.dtype), grads, g), loss_sum + loss,
+                    count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
