@@ -27,9 +27,9 @@ def converted(tmp_path_factory):
     return cfg, params, qwen
 
 
-def processor_inputs(frames_list):
+def processor_inputs(frames_list, patch_size=14, merge_size=2):
     processor = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 200_000},
-                                      cap_pixels_per_frame=False)
+                                      cap_pixels_per_frame=False, patch_size=patch_size, merge_size=merge_size)
     videos = [torch.from_numpy(f).permute(0, 3, 1, 2) for f in frames_list]
     out = processor(videos=videos, return_tensors="pt", do_sample_frames=False)
     return out["pixel_values_videos"], out["video_grid_thw"]
@@ -77,6 +77,25 @@ def test_dot_product_attention_path(converted):
     pixel_values, grid_thw = processor_inputs([rng.integers(0, 256, (2, 84, 84, 3), dtype=np.uint8)])
     ours, ref = run_both(cfg, params, qwen, pixel_values, grid_thw, impl="xla")
     assert rel_err(ours, ref) <= TOL
+
+
+def test_small_patches_merged_four_by_four(tmp_path):
+    """7-px patches merged 4 x 4 (the merged cell stays 28 px, as the demo's probes use them): the
+    tower, its windows and its merger equal transformers' with the same config, and the model builds."""
+    from traser_jax.model import init_params
+
+    cfg = tiny_config("vision.patch_size=7", "vision.spatial_merge_size=4")
+    qwen = build_qwen(cfg, seed=5)
+    hf_dir = save_traser_dir(tmp_path / "hf", qwen, build_resampler(cfg, 1), build_resampler(cfg, 2))
+    cfg, params = convert.from_hf(hf_dir, tmp_path / "ckpt", preset="tiny", overrides=FLOAT32, progress=False)
+    assert (cfg.vision.patch_size, cfg.vision.spatial_merge_size) == (7, 4)
+    frames = np.random.default_rng(13).integers(0, 256, (4, 84, 140, 3), dtype=np.uint8)
+    pixel_values, grid_thw = processor_inputs([frames], patch_size=7, merge_size=4)
+    assert grid_thw.tolist() == [[2, 12, 20]] and pixel_values.shape[-1] == 3 * 2 * 7 * 7
+    ours, ref = run_both(cfg, params, qwen, pixel_values, grid_thw)
+    assert ours.shape == (2 * 3 * 5, cfg.vision.out_hidden_size)
+    assert rel_err(ours, ref) <= TOL
+    assert jax.tree.structure(init_params(cfg, jax.random.key(0))) == jax.tree.structure(params)
 
 
 @pytest.mark.parametrize("grids", [((3, 6, 10),), ((2, 8, 4), (1, 4, 12)), ((1, 16, 16), (2, 4, 4))])

@@ -171,9 +171,12 @@ def embed_batch(model: Traser, params: dict, batch: dict[str, jax.Array], static
             batch["input_ids"], batch["latent_index"])
 
 
-def example_inputs(cfg: Config, grid: tuple[int, int, int] = (1, 2, 2), num_tokens: int = 4,
+def example_inputs(cfg: Config, grid: tuple[int, int, int] | None = None, num_tokens: int = 4,
                    length: int = 8, num_objects: int = 1, num_windows: int = 1) -> dict[str, Any]:
-    """Small well-formed inputs (for init and shape evaluation); statics included."""
+    """Small well-formed inputs (for init and shape evaluation); statics included. The default grid is
+    one merged cell: (1, spatial_merge_size, spatial_merge_size)."""
+    merge = cfg.vision.spatial_merge_size
+    grid = grid or (1, merge, merge)
     t, h, w = grid
     patch_dim = cfg.vision.in_channels * cfg.vision.temporal_patch_size * cfg.vision.patch_size ** 2
     merged = t * h * w // cfg.vision.spatial_merge_size ** 2
