@@ -1,5 +1,6 @@
 """The optimizer recipe (per-group learning rates on the published schedule, weight-decay mask, the
-frozen vision tower split off), the micro-batch layout, and the launcher's handling of a bad key.
+frozen vision tower split off), the micro-batch layout, the chunked loss, train.weight_cast, and the
+launcher's handling of a bad key.
 
 Whole training runs (metrics, TensorBoard, checkpoints, resume, NaN stop) are in test_train_resume.py,
 the sharded step in test_train_sharding.py."""

@@ -471,8 +471,8 @@ def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int) -> dict[st
     """What every report starts with: the config, the machine, and the settings that change a step's speed."""
     return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
             "num_devices": num_devices, "compute_dtype": cfg.train.compute_dtype,
-            "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat,
-            "weight_cast": cfg.train.weight_cast, "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
+            "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat, "weight_cast": cfg.train.weight_cast,
+            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
             "seq": seq}
 
 
