@@ -27,10 +27,10 @@ def shards(tmp_path_factory):
 
 def test_crops_hold_their_object_and_its_labels(shards):
     """One crop per object and temporal patch whose first frame shows it; the crop's pixels are the
-    tower's input cut at its box, the box holds the object's centroid (shifted by at most a quarter
-    crop, unless clipped at the frame's edge), and the labels are the record's."""
+    tower's input cut at its box, the box holds the object's centroid (shifted by at most `jitter`, an
+    eighth of the crop here, unless clipped at the frame's edge), and the labels are the record's."""
     cfg = config_lib.load("tiny", OVERRIDES)
-    crops, names, attributes = pretrain_vision.object_crops(shards, cfg, 56, np.random.default_rng(0))
+    crops, names, attributes = pretrain_vision.object_crops(shards, cfg, 56, np.random.default_rng(0), jitter=0.125)
     reader = ShardReader(shards)
     expected = 0
     for i in range(len(reader)):
@@ -55,7 +55,7 @@ def test_crops_hold_their_object_and_its_labels(shards):
         cy, cx = (ys.mean() + 0.5) * FRAME / height, (xs.mean() + 0.5) * FRAME / width
         for c, lo in ((cy, y0), (cx, x0)):
             assert lo <= c <= lo + 56 or lo in (0, FRAME - 56)
-            assert abs(lo + 28 - c) <= 14 + 1 or lo in (0, FRAME - 56)
+            assert abs(lo + 28 - c) <= 7 + 1 or lo in (0, FRAME - 56)
 
 
 def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_training_starts_from(shards, tmp_path):
@@ -76,7 +76,10 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_training_starts_fro
     assert ("vision", "patch_embed") in trained
 
 
-def test_cli_refuses_a_crop_off_the_merged_grid(shards, tmp_path, capsys):
+def test_cli_refuses_a_crop_off_the_merged_grid_and_a_jitter_past_half_a_crop(shards, tmp_path, capsys):
     argv = ["tiny", "--data", str(shards), "--out", str(tmp_path / "v"), "--crop", "50", *OVERRIDES]
     assert pretrain_vision.main(argv) == 2
     assert "multiple of patch_size x spatial_merge_size = 28" in capsys.readouterr().err
+    argv = ["tiny", "--data", str(shards), "--out", str(tmp_path / "v"), "--jitter", "0.6", *OVERRIDES]
+    assert pretrain_vision.main(argv) == 2
+    assert "jitter 0.6 must lie in [0, 0.5]" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """A pretrained vision tower for runs that start from scratch (the demo's stage 0).
 
     python -m traser_jax.pretrain_vision CONFIG --data TRAIN_DIR --out DIR [--eval-data DIR]
-        [--steps 400] [--batch 128] [--lr 1e-3] [--crop 56] [--seed 0] [key=value ...]
+        [--steps 400] [--batch 128] [--lr 1e-3] [--crop 56] [--jitter 0.25] [--seed 0] [key=value ...]
 
 The published TRASER starts from Qwen2.5-VL's vision tower, pretrained on web-scale data, and
 freezes it. A tower trained from scratch inside the scene-graph loss, as the demo's would be,
@@ -15,8 +15,8 @@ optim.lr_vision=0`).
 
 Crops: for every object and every temporal patch (sampled frames 2i, 2i + 1) where the object is
 visible in frame 2i, a `crop` x `crop` window of the resized frames (the size the tower sees in
-training) around the object's mask centroid, shifted by a random offset of up to a quarter crop
-and clipped to the frame. Labels come from the records alone: the object's name (one softmax
+training) around the object's mask centroid, shifted by a random offset of up to `jitter` crops
+(a quarter by default; README, crop probes, for an eighth) and clipped to the frame. Labels come from the records alone: the object's name (one softmax
 over the training names) and its attributes (one sigmoid per attribute string seen in
 training). Reported: name accuracy, and attribute recall (of an object's k attributes, the
 share among the head's top k).
@@ -54,7 +54,7 @@ class Crops:
 
 
 def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.Generator,
-                 names: list[str] | None = None, attributes: list[str] | None = None
+                 names: list[str] | None = None, attributes: list[str] | None = None, jitter: float = 0.25
                  ) -> tuple[Crops, list[str], list[str]]:
     """Crops of every shard video's objects (module doc) and the label vocabularies: taken from
     these records unless given (the training ones, when reading held-out shards). One pass over the
@@ -82,8 +82,8 @@ def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.G
                 ys, xs = np.nonzero(rle_lib.decode(obj.masks[t]))
                 if len(ys) == 0:
                     continue
-                cy = (ys.mean() + 0.5) * h / height + rng.uniform(-crop / 4, crop / 4)
-                cx = (xs.mean() + 0.5) * w / width + rng.uniform(-crop / 4, crop / 4)
+                cy = (ys.mean() + 0.5) * h / height + rng.uniform(-jitter * crop, jitter * crop)
+                cx = (xs.mean() + 0.5) * w / width + rng.uniform(-jitter * crop, jitter * crop)
                 y0 = int(np.clip(round(cy - crop / 2), 0, h - crop))
                 x0 = int(np.clip(round(cx - crop / 2), 0, w - crop))
                 # a last frame without a pair is repeated by patchify, as the processor does
@@ -144,7 +144,8 @@ def scores(name_logits: np.ndarray, attr_logits: np.ndarray, crops: Crops) -> di
 
 
 def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_dir: str | Path | None = None,
-             steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, seed: int = 0,
+             steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, jitter: float = 0.25,
+             seed: int = 0,
              progress: bool = True) -> dict:
     """Train the tower on crops (module doc), write the checkpoint and its report; return the report."""
     from tqdm import tqdm
@@ -155,8 +156,10 @@ def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_di
     if steps < 1 or batch < 1:
         raise ValueError(f"steps {steps} and batch {batch} must be at least 1")
     rng = np.random.default_rng(seed)
-    train, names, attributes = object_crops(train_dir, cfg, crop, rng)
-    held_out = object_crops(eval_dir, cfg, crop, rng, names, attributes)[0] if eval_dir else None
+    if not 0 <= jitter <= 0.5:
+        raise ValueError(f"jitter {jitter} must lie in [0, 0.5] (a fraction of the crop side)")
+    train, names, attributes = object_crops(train_dir, cfg, crop, rng, jitter=jitter)
+    held_out = object_crops(eval_dir, cfg, crop, rng, names, attributes, jitter)[0] if eval_dir else None
     cells = crop // cfg.vision.patch_size
     grid = (1, cells, cells)
     model = CropClassifier(cfg, len(names), len(attributes))
@@ -194,8 +197,8 @@ def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_di
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if not np.isfinite(losses[-1]):
         raise RuntimeError(f"pretrain_vision: the loss is {losses[-1]} after {steps} steps")
-    report = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "train_crops": int(len(train.names)),
-              "names": names, "attributes": attributes, "first_loss": losses[0], "final_loss": losses[-1],
+    report = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "jitter": jitter,
+              "train_crops": int(len(train.names)), "names": names, "attributes": attributes, "first_loss": losses[0], "final_loss": losses[-1],
               "train": evaluate(params, train)}
     if held_out is not None:
         report.update(eval_crops=int(len(held_out.names)), eval=evaluate(params, held_out))
@@ -218,13 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128, help="crops per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--crop", type=int, default=56, help="crop side in pixels of the resized frames")
+    parser.add_argument("--jitter", type=float, default=0.25,
+                        help="largest random shift of a crop off its object's centroid, as a fraction of the crop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
         cfg = config_lib.load(args.config, args.overrides)
         report = pretrain(cfg, args.data, args.out, eval_dir=args.eval_data, steps=args.steps, batch=args.batch,
-                          lr=args.lr, crop=args.crop, seed=args.seed)
+                          lr=args.lr, crop=args.crop, jitter=args.jitter, seed=args.seed)
     except (config_lib.ConfigError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
