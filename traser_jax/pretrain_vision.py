@@ -16,9 +16,9 @@ optim.lr_vision=0`).
 Crops: for every object and every temporal patch (sampled frames 2i, 2i + 1) where the object is
 visible in frame 2i, a `crop` x `crop` window of the resized frames (the size the tower sees in
 training) around the object's mask centroid, shifted by a random offset of up to `jitter` crops
-(a quarter by default; README, crop probes, for an eighth) and clipped to the frame. Labels come from the records alone: the object's name (one softmax
-over the training names) and its attributes (one sigmoid per attribute string seen in
-training). Reported: name accuracy, and attribute recall (of an object's k attributes, the
+(a quarter by default; README, crop probes, for an eighth) and clipped to the frame. Labels come
+from the records alone: the object's name (one softmax over the training names) and its
+attributes (one sigmoid per attribute string seen in training). Reported: name accuracy, and attribute recall (of an object's k attributes, the
 share among the head's top k).
 """
 from __future__ import annotations
