@@ -27,15 +27,19 @@ DATA = RUN / "data"
 # Small scenes keep the answers short enough to learn on 2 CPU cores in minutes.
 KNOBS = ["min_objects=2", "max_objects=4", "max_duration=8", "max_side=280"]
 SPLITS = (("train", 512, 0), ("eval", 16, 1))
+# The tower's crop pretraining: the training split's objects and 16,000 of the toyworld object catalog's.
+PRETRAIN = ["--steps", "600", "--jitter", "0.125", "--catalog", "16000", *(a for k in KNOBS for a in ("--knob", k))]
 VISION, STAGE1, MODEL = RUN / "vision", RUN / "attributes", RUN / "scene_graph"
 # Stage 1 answers objects with attributes only: short sequences (one 384-token bucket) whose loss is
 # mostly grounding. Stage 2 starts from its weights and tokenizer and asks mostly for scene graphs.
-# Both keep the pretrained tower frozen (optim.lr_vision=0), as the published recipe does.
+# Both keep the pretrained tower frozen with its merger, as the published recipe freezes its tower: the
+# tower's output tokens are computed once per video and cached (data.cache_vision_tokens).
+FROZEN_TOWER = ["optim.lr_vision=0", "optim.lr_merger=0", "data.cache_vision_tokens=true"]
 STAGES = (
     (STAGE1, ["data.task_mix={attributes: 1.0}", "optim.num_steps=400", "tokens.bucket_length=[384]",
-              f"train.init_from={VISION}", "optim.lr_vision=0"]),
+              f"train.init_from={VISION}", *FROZEN_TOWER]),
     (MODEL, ["data.task_mix={scene_graph: 0.7, attributes: 0.3}", "optim.num_steps=250",
-             f"train.init_from={STAGE1}", f"data.tokenizer={STAGE1 / 'tokenizer.json'}", "optim.lr_vision=0"]),
+             f"train.init_from={STAGE1}", f"data.tokenizer={STAGE1 / 'tokenizer.json'}", *FROZEN_TOWER]),
 )
 
 
@@ -58,7 +62,7 @@ def pretrain_vision() -> None:
     if (VISION / REPORT_NAME).exists():  # finished on an earlier run
         return
     out = sh("-m", "traser_jax.pretrain_vision", "demo", "--data", str(DATA / "train"), "--eval-data",
-             str(DATA / "eval"), "--out", str(VISION))
+             str(DATA / "eval"), "--out", str(VISION), *PRETRAIN)
     print(f"vision tower pretrained on object crops: {out.strip()}")
 
 

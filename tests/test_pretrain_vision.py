@@ -84,3 +84,42 @@ def test_cli_refuses_a_crop_off_the_merged_grid_and_a_jitter_past_half_a_crop(sh
     argv = ["tiny", "--data", str(shards), "--out", str(tmp_path / "v"), "--jitter", "0.6", *OVERRIDES]
     assert pretrain_vision.main(argv) == 2
     assert "jitter 0.6 must lie in [0, 0.5]" in capsys.readouterr().err
+
+
+def test_catalog_crops_alone_or_with_the_shards_train_the_tower(shards, tmp_path):
+    """--catalog: the toyworld object catalog's crops, cut and patchified as the shards' are, labelled in
+    toyworld's vocabularies; alone or added to the shards' crops."""
+    from data_gen.toyworld import COLORS, SHAPES, SIZES, TEXTURES, ToyworldConfig
+    from data_gen.toyworld.catalog import catalog_crop
+
+    cfg = config_lib.load("tiny", OVERRIDES)
+    names, attributes = sorted(SHAPES), sorted([*COLORS, *SIZES, *TEXTURES])
+    crops = pretrain_vision.catalog_crops(cfg, 56, 12, 5, 0.125, names, attributes, {"max_side": 280})
+    assert 0 < len(crops.names) <= 12 and (crops.boxes == -1).all()
+    items = [catalog_crop(5, i, 56, (FRAME, FRAME), 0.125, config=ToyworldConfig.from_knobs(max_side=280))
+             for i in range(12)]
+    items = [item for item in items if item.mask.any()]
+    assert len(items) == len(crops.names)
+    for n, item in enumerate(items):
+        np.testing.assert_array_equal(crops.pixel_values[n], patchify(normalize(resize_frames(item.frames, 56, 56)),
+                                                                      14, 2, 2)[0])
+        assert names[crops.names[n]] == item.name
+        assert sorted(a for a, on in zip(attributes, crops.attributes[n]) if on) == sorted(item.attributes)
+
+    alone = pretrain_vision.pretrain(cfg, None, tmp_path / "alone", steps=2, batch=8, catalog=12,
+                                     knobs={"max_side": 280}, progress=False)
+    assert alone["names"] == names and alone["train_crops"] == len(items) and alone["catalog_crops"] == 12
+    both = pretrain_vision.pretrain(cfg, shards, tmp_path / "both", eval_dir=shards, steps=2, batch=8, catalog=12,
+                                    knobs={"max_side": 280}, progress=False)
+    shard_crops = pretrain_vision.object_crops(shards, cfg, 56, np.random.default_rng(0))[0]
+    assert both["train_crops"] == len(shard_crops.names) + len(items) and both["names"] == names
+
+
+def test_cli_refuses_no_crops_and_a_bad_knob(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "v"), *OVERRIDES]
+    assert pretrain_vision.main(["tiny", *out]) == 2
+    assert "nothing to train on" in capsys.readouterr().err
+    assert pretrain_vision.main(["tiny", "--catalog", "4", "--knob", "max_side", *out]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert pretrain_vision.main(["tiny", "--catalog", "4", "--knob", "sides=3", *out]) == 2
+    assert "unknown toyworld knob 'sides'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Toyworld: determinism, variety, and ground truth that matches what is drawn.
+"""Toyworld: determinism, variety, and ground truth that matches what is drawn; the object catalog.
 
 The checks recompute each property from the record's masks (decoded RLE) and the
 scene's geometry with code of their own, not with the rules' implementation.
@@ -403,3 +403,56 @@ def test_cli_tfrecord_png_stores_the_exact_frames_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert toyworld_main(["--num-videos", "2", "--seed", "6", "--image-format", "png", "--out", str(tmp_path)]) == 2
     assert "format='tfrecord'" in capsys.readouterr().err  # a directory is never mixed
+
+
+# -- the object catalog -------------------------------------------------------------------
+
+def test_catalog_crops_show_their_object_where_its_mask_says():
+    """Catalog crops: deterministic in (seed, index); the crop spans `crop` pixels of a frame resized to
+    frame_size, at the native scale of the knobs' frame sides; every pixel of the object's mask carries
+    one of its two texture colors, its size is the drawn size, and its centroid sits within `jitter`
+    crops of the middle (up to occlusion by the other objects and the window's edge)."""
+    from data_gen.toyworld.catalog import catalog_crop
+    from data_gen.toyworld.world import ToyworldConfig
+
+    config = ToyworldConfig.from_knobs(max_side=280)
+    sides = {224, 252, 280}
+    first = catalog_crop(3, 0, 56, (168, 168), config=config)
+    again = catalog_crop(3, 0, 56, (168, 168), config=config)
+    np.testing.assert_array_equal(first.frames, again.frames)
+    assert (first.name, first.attributes) == (again.name, again.attributes)
+    seen, moved = set(), 0
+    for index in range(40):
+        item = catalog_crop(3, index, 56, (168, 168), jitter=0.125, config=config)
+        _, h, w, _ = item.frames.shape
+        height, width = (min(sides, key=lambda s: abs(s - n * 168 / 56)) for n in (h, w))  # h = round(56 H / 168)
+        assert abs(height * 56 / 168 - h) <= 0.5 and abs(width * 56 / 168 - w) <= 0.5, (h, w)
+        assert item.name in SHAPES
+        color, size, texture = item.attributes
+        assert color in COLORS and size in SIZES and texture in TEXTURES
+        seen.add(item.name)
+        moved += not np.array_equal(item.frames[0], item.frames[1])
+        if not item.mask.any():
+            continue
+        pixels = item.frames[0][item.mask]
+        own = (pixels == np.array(COLORS[color])).all(-1) | (pixels == np.array(pattern_color(color))).all(-1)
+        assert own.all(), index
+        cy, cx = np.argwhere(item.mask).mean(0) + 0.5
+        outline = OUTLINES[item.name]
+        unit_area = math.pi if outline is None else 0.5 * abs(
+            np.dot(outline[:, 0], np.roll(outline[:, 1], -1)) - np.dot(outline[:, 1], np.roll(outline[:, 0], -1)))
+        side = min(height, width)
+        whole = unit_area * (SIZES[size] * side) ** 2
+        assert item.mask.sum() <= 1.15 * whole, index
+        if item.mask.sum() > 0.9 * whole:  # about all of it shows: its centroid is the object's center
+            assert abs(cy - h / 2) <= 0.125 * h + 1 and abs(cx - w / 2) <= 0.125 * w + 1, index
+    assert len(seen) >= 5 and moved >= 20
+
+
+def test_catalog_refuses_a_jitter_past_half_a_crop_and_a_crop_past_the_frame():
+    from data_gen.toyworld.catalog import catalog_crop
+
+    with pytest.raises(ValueError, match="jitter 0.6"):
+        catalog_crop(0, 0, 56, (168, 168), jitter=0.6)
+    with pytest.raises(ValueError, match="crop 200"):
+        catalog_crop(0, 0, 200, (168, 168))

@@ -1,6 +1,6 @@
 """The optimizer recipe (per-group learning rates on the published schedule, weight-decay mask, the
-frozen vision tower split off), the micro-batch layout, the chunked loss, train.weight_cast, and the
-launcher's handling of a bad key.
+frozen vision tower and merger split off), the micro-batch layout, the chunked loss, train.weight_cast,
+cached vision tokens (data.cache_vision_tokens), and the launcher's handling of a bad key.
 
 Whole training runs (metrics, TensorBoard, checkpoints, resume, NaN stop) are in test_train_resume.py,
 the sharded step in test_train_sharding.py."""
@@ -119,6 +119,11 @@ def test_vision_tower_is_split_off_when_frozen():
     # A trained vision tower (lr_vision > 0) stays in the trainable tree, with its own rate.
     trainable, frozen = optim.split_frozen(params, OptimConfig(lr_vision=1e-6))
     assert frozen == {} and "vision" in optim.learning_rates(OptimConfig(lr_vision=1e-6), 5)
+    # The merger too, at lr_merger 0: the whole vision module is frozen, the rest trains.
+    trainable, frozen = optim.split_frozen(params, OptimConfig(lr_merger=0.0))
+    vision = {p for p in traverse_util.flatten_dict(params) if p[0] == "vision"}
+    assert set(traverse_util.flatten_dict(frozen)) == vision
+    assert set(optim.learning_rates(OptimConfig(lr_merger=0.0), 5)) == {"llm", "resampler"}
 
 
 def test_micro_batches_take_every_devices_share():
@@ -236,3 +241,54 @@ def test_weight_cast_per_step_gives_the_per_layer_numbers(tmp_path):
         seen = {v.aval.dtype for eqn in _scans(jaxpr.jaxpr) for v in eqn.invars
                 if tuple(v.aval.shape) in stack_shapes and v.aval.shape[0] == eqn.params["length"]}
         assert seen == {jnp.dtype(d) for d in want}, (trainer.cfg.train.weight_cast, seen)
+
+
+def test_cached_vision_tokens_give_the_uncached_step(tmp_path):
+    """data.cache_vision_tokens (tower and merger frozen): batches carry the tower's output tokens in place
+    of the pixels, and the step computes the same loss and gradients from them (float32)."""
+    import copy
+
+    from traser_jax import data as data_lib
+    from traser_jax.train import Trainer
+    from train_fixtures import train_overrides, write_toyworld
+
+    data = write_toyworld(tmp_path / "data", num_videos=4)
+    cfg = config_lib.load("tiny", train_overrides(data, tmp_path / "run", "data.global_batch_size=4",
+                                                  "data.cache_in_memory=true", "optim.lr_vision=0",
+                                                  "optim.lr_merger=0"))
+    tokenizer = data_lib.run_tokenizer(cfg)  # sets cfg.tokens' special ids: copy after it
+    cached_cfg = config_lib.apply_overrides(copy.deepcopy(cfg), {"data.cache_vision_tokens": True})
+    trainer = Trainer(cfg)
+    state = trainer.init_state(0)
+    assert "merger" not in state["params"].get("vision", {})  # frozen with the tower
+    batch = next(iter(data_lib.train_dataset(cfg, tokenizer)))
+    with pytest.raises(ValueError, match="encode_video"):
+        data_lib.train_dataset(cached_cfg, tokenizer)
+    cached = next(iter(data_lib.train_dataset(cached_cfg, tokenizer, encode_video=trainer.video_encoder(state))))
+    assert "pixel_values" not in cached and "pixel_values" in batch
+    np.testing.assert_array_equal(cached["input_ids"], batch["input_ids"])  # the same videos, in order
+    t, h, w = batch["grid_thw"][0]
+    merge = cfg.vision.spatial_merge_size
+    assert cached["video_tokens"].shape == (4, t * h * w // merge ** 2, cfg.vision.out_hidden_size)
+    assert float(np.abs(cached["video_tokens"]).max()) > 0
+
+    loss, grads = jax.device_get(trainer.loss_and_grads(state, batch))
+    loss_c, grads_c = jax.device_get(Trainer(cached_cfg).loss_and_grads(state, cached))
+    assert np.isfinite(loss) and abs(float(loss_c) - float(loss)) <= 1e-5 * abs(float(loss))
+    flat, flat_c = traverse_util.flatten_dict(grads), traverse_util.flatten_dict(grads_c)
+    assert flat.keys() == flat_c.keys()
+    for path, g in flat.items():
+        scale = float(np.abs(g).max())
+        assert scale > 0, path
+        assert float(np.abs(flat_c[path] - g).max()) <= 1e-5 * scale, path
+
+
+@pytest.mark.parametrize("overrides", [["optim.lr_vision=1e-4", "optim.lr_merger=0"],
+                                       ["optim.lr_vision=0", "optim.lr_merger=1e-4"],
+                                       ["optim.lr_vision=0", "optim.lr_merger=0", "data.cache_in_memory=false"]])
+def test_cached_vision_tokens_need_a_frozen_tower_in_memory(overrides):
+    from traser_jax import data as data_lib
+
+    cfg = config_lib.load("tiny", ["data.cache_in_memory=true", "data.cache_vision_tokens=true", *overrides])
+    with pytest.raises(config_lib.ConfigError, match="cache_vision_tokens needs"):
+        data_lib.check_vision_cache(cfg)

@@ -111,6 +111,9 @@ class DataConfig:
     grad_accum_steps: int = 1
     worker_count: int = 2  # grain worker processes decoding frames in parallel
     cache_in_memory: bool = False  # featurize every video once and keep it (small datasets)
+    # With cache_in_memory and the tower and merger frozen (optim.lr_vision = optim.lr_merger = 0): run
+    # them once per video before training and feed their output tokens in place of the pixels.
+    cache_vision_tokens: bool = False
     shuffle_seed: int = 0
     num_epochs: int = 0  # 0: repeat forever (steps bound the run)
 

@@ -7,7 +7,8 @@
 
 A batch is a dict of numpy arrays leading with the batch axis. `grid_thw`,
 `object_ids` and `window_object` stay on the host (they fix the static shapes the
-step compiles for); `DEVICE_KEYS` go to the devices.
+step compiles for); `DEVICE_KEYS` go to the devices. With `data.cache_vision_tokens`
+the frozen tower's output tokens (`video_tokens`) take the place of `pixel_values`.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from traser_jax.config import Config
 from traser_jax.tokenizer import PROMPTS, load_tokenizer, serialize_target, train_bpe
 from traser_jax.video_input import normalize, patchify, resize_frames, resized_size
 
-DEVICE_KEYS = ("pixel_values", "sel_token", "otr_segment", "twr_segment", "input_ids", "latent_index",
-               "positions", "attention_mask", "labels")
+DEVICE_KEYS = ("pixel_values", "video_tokens", "sel_token", "otr_segment", "twr_segment", "input_ids",
+               "latent_index", "positions", "attention_mask", "labels")
 
 
 def video_features(record: Record, frames: np.ndarray, cfg: Config) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -46,6 +47,7 @@ class Features:
     pixel_values: np.ndarray
     grid_thw: tuple[int, int, int]
     inputs: tokens_lib.TraserInputs
+    video_tokens: np.ndarray | None = None  # the frozen tower's output [merged tokens, D], when cached
 
 
 def target_text(record: Record, task: str = "scene_graph") -> str:
@@ -109,15 +111,23 @@ def collate(videos: Sequence[Features], cfg: Config) -> dict[str, np.ndarray]:
                          f"set tokens.frame_size to train on videos of different sizes")
     gh, gw = grids.pop()
     gt = tokens_lib.bucket_size(max(v.grid_thw[0] for v in videos), cfg.tokens.bucket_grid_t)
-    patches = gt * gh * gw
-    pixel_values = np.zeros((len(videos), patches, videos[0].pixel_values.shape[-1]), np.float32)
-    for i, v in enumerate(videos):
-        pixel_values[i, :len(v.pixel_values)] = v.pixel_values  # extra temporal grids: never selected
+    cached = videos[0].video_tokens is not None
+    key, rows = ("video_tokens", gt * gh * gw // cfg.vision.spatial_merge_size ** 2) if cached else \
+        ("pixel_values", gt * gh * gw)
+    arrays = [v.video_tokens if cached else v.pixel_values for v in videos]
+    padded_video = np.zeros((len(videos), rows, arrays[0].shape[-1]), np.float32)
+    for i, a in enumerate(arrays):
+        padded_video[i, :len(a)] = a  # extra temporal grids: never selected
     shape = np.max([tokens_lib.bucket_shape(v.inputs, cfg.tokens) for v in videos], axis=0)
     padded = [tokens_lib.pad_to(v.inputs, *(int(s) for s in shape)).arrays() for v in videos]
     batch = {k: np.stack([p[k] for p in padded]) for k in padded[0]}
-    batch.update(pixel_values=pixel_values, grid_thw=np.tile(np.array([gt, gh, gw], np.int32), (len(videos), 1)))
+    batch.update({key: padded_video, "grid_thw": np.tile(np.array([gt, gh, gw], np.int32), (len(videos), 1))})
     return batch
+
+
+def device_keys(batch: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The DEVICE_KEYS a batch carries (pixel_values or video_tokens)."""
+    return tuple(k for k in DEVICE_KEYS if k in batch)
 
 
 class Featurize:
@@ -164,9 +174,23 @@ def apply_special_ids(cfg: Config, tokenizer) -> None:
                          f"{cfg.text.vocab_size}")
 
 
+def check_vision_cache(cfg: Config) -> None:
+    """data.cache_vision_tokens needs what makes the cached tokens exact: every video featurized once in
+    memory and the tower and merger frozen."""
+    if cfg.data.cache_vision_tokens and not (cfg.data.cache_in_memory and cfg.optim.lr_vision == 0
+                                             and cfg.optim.lr_merger == 0):
+        raise config_lib.ConfigError(
+            f"data.cache_vision_tokens needs data.cache_in_memory=true, optim.lr_vision=0 and optim.lr_merger=0 "
+            f"(got {cfg.data.cache_in_memory}, {cfg.optim.lr_vision}, {cfg.optim.lr_merger}): the tower's "
+            f"tokens are computed once, so it must not train")
+
+
 def train_dataset(cfg: Config, tokenizer_path: str, *, process_index: int | None = None,
-                  process_count: int | None = None):
-    """The infinite (or num_epochs) iterator dataset of training batches for this host."""
+                  process_count: int | None = None, encode_video=None):
+    """The infinite (or num_epochs) iterator dataset of training batches for this host.
+
+    encode_video: (pixel_values, grid_thw) -> the frozen tower's output tokens, with
+    data.cache_vision_tokens (`check_vision_cache`): each video's are computed once, in this process."""
     import grain
     import jax
 
@@ -180,7 +204,15 @@ def train_dataset(cfg: Config, tokenizer_path: str, *, process_index: int | None
     ds = grain.MapDataset.source(ShardReader(cfg.data.train_dir))
     ds = ds[process_index::process_count].map(Featurize(cfg, tokenizer_path))
     if cfg.data.cache_in_memory:  # featurize each video once (small datasets: the demo, sweeps)
-        ds = grain.MapDataset.source(list(in_workers(ds, cfg.data.worker_count)))
+        videos = list(in_workers(ds, cfg.data.worker_count))
+        if cfg.data.cache_vision_tokens:
+            check_vision_cache(cfg)
+            if encode_video is None:
+                raise ValueError("data.cache_vision_tokens: train_dataset needs encode_video")
+            videos = [dataclasses.replace(v, video_tokens=np.asarray(encode_video(v.pixel_values, v.grid_thw),
+                                                                     np.float32), pixel_values=None)
+                      for v in videos]
+        ds = grain.MapDataset.source(videos)
     ds = ds.shuffle(seed=cfg.data.shuffle_seed).repeat(cfg.data.num_epochs or None)
     ds = ds.batch(per_host, drop_remainder=True, batch_fn=functools.partial(collate, cfg=cfg))
     return in_workers(ds, 0 if cfg.data.cache_in_memory else cfg.data.worker_count)

@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from traser_jax import optim
 from traser_jax.config import Config
-from traser_jax.data import DEVICE_KEYS
+from traser_jax.data import device_keys
 from traser_jax.model import Traser, embed_batch
 from traser_jax.train import answer_loss, statics_of
 
@@ -35,14 +35,15 @@ def grounding_report(cfg: Config, params: dict, batch: dict[str, np.ndarray]) ->
     if batch["input_ids"].shape[0] < 2:
         raise ValueError("grounding needs a batch of at least 2 videos (it swaps their pixels)")
     model, statics = Traser(cfg), statics_of(batch)
-    arrays = {k: jnp.asarray(batch[k]) for k in DEVICE_KEYS}
+    arrays = {k: jnp.asarray(batch[k]) for k in device_keys(batch)}
 
     def loss(params, arrays):
         total, count = answer_loss(model, params, arrays, statics)
         return total / jnp.maximum(count, 1)
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params, arrays)
-    shuffled = dict(arrays, pixel_values=jnp.roll(arrays["pixel_values"], 1, axis=0))
+    video = "video_tokens" if "video_tokens" in arrays else "pixel_values"
+    shuffled = dict(arrays, **{video: jnp.roll(arrays[video], 1, axis=0)})
     sq: dict[str, float] = {}
     for path, g in traverse_util.flatten_dict(grads).items():
         group = optim.group_of(path)

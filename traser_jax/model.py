@@ -120,8 +120,13 @@ class Traser(nn.Module):
     def embed_inputs(self, pixel_values, grid_thw: Grids, sel_token, otr_segment, twr_segment, input_ids,
                      latent_index, num_objects: int, num_windows: int) -> jax.Array:
         """Decoder input embeddings [B, L, D]: text embeddings with the latent slots filled."""
-        rows = self.resample(self.encode_video(pixel_values, grid_thw), sel_token, otr_segment, twr_segment,
-                             num_objects, num_windows)
+        return self.embed_video_tokens(self.encode_video(pixel_values, grid_thw), sel_token, otr_segment,
+                                       twr_segment, input_ids, latent_index, num_objects, num_windows)
+
+    def embed_video_tokens(self, video_tokens, sel_token, otr_segment, twr_segment, input_ids, latent_index,
+                           num_objects: int, num_windows: int) -> jax.Array:
+        """`embed_inputs` from the tower's output tokens (`encode_video`'s, e.g. cached)."""
+        rows = self.resample(video_tokens, sel_token, otr_segment, twr_segment, num_objects, num_windows)
         input_ids, latent_index = _batched(input_ids), _batched(latent_index)
         embeds = self.llm.embed(input_ids)
         filled = jnp.take_along_axis(rows, jnp.maximum(latent_index, 0)[..., None], axis=1).astype(embeds.dtype)
@@ -154,21 +159,26 @@ class Traser(nn.Module):
 
 def embed_batch(model: Traser, params: dict, batch: dict[str, jax.Array], statics) -> jax.Array:
     """Decoder input embeddings [B, L, D] of a collated batch (traser_jax.data.collate): per video,
-    vmapped, the vision tower on its own patches and both resamplers fill the latent slots.
+    vmapped, the vision tower on its own patches (or its cached output tokens) and both resamplers
+    fill the latent slots.
 
     statics = (vision grid (t, h, w), object slots K, window slots W). Inside the vmap a video's
     own batch axis is 1, so the vmapped axis carries the batch sharding (data, fsdp)."""
     grid, k, w = statics
+    cached = "video_tokens" in batch  # the frozen tower's output (data.cache_vision_tokens)
 
-    def one(pixel_values, sel_token, otr_segment, twr_segment, input_ids, latent_index):
-        return model.apply({"params": params}, pixel_values, (grid,), sel_token, otr_segment, twr_segment,
+    def one(video, sel_token, otr_segment, twr_segment, input_ids, latent_index):
+        if cached:
+            return model.apply({"params": params}, video, sel_token, otr_segment, twr_segment, input_ids[None],
+                               latent_index[None], k, w, method=Traser.embed_video_tokens)[0]
+        return model.apply({"params": params}, video, (grid,), sel_token, otr_segment, twr_segment,
                            input_ids[None], latent_index[None], k, w, method=Traser.embed_inputs)[0]
 
     rules = [(name, None if name == sh.ACT_BATCH else axes) for name, axes in nn.get_logical_axis_rules()]
     with nn.logical_axis_rules(rules):
         return jax.vmap(one, spmd_axis_name=sh.BATCH_MESH_AXES)(
-            batch["pixel_values"], batch["sel_token"], batch["otr_segment"], batch["twr_segment"],
-            batch["input_ids"], batch["latent_index"])
+            batch["video_tokens" if cached else "pixel_values"], batch["sel_token"], batch["otr_segment"],
+            batch["twr_segment"], batch["input_ids"], batch["latent_index"])
 
 
 def example_inputs(cfg: Config, grid: tuple[int, int, int] | None = None, num_tokens: int = 4,

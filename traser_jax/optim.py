@@ -4,8 +4,8 @@ AdamW, cosine schedule with linear warmup (1% of the steps), weight decay 0.01,
 global-norm clipping at 1.0, and one learning rate per group: the language model
 2e-5, both resamplers 1e-4, the vision-to-text merger 5e-5. The vision tower
 (everything under the vision module but its merger) is frozen when its learning
-rate is 0: it is split off the trainable tree, so it has neither gradients nor
-optimizer state.
+rate is 0, and so is the merger: a frozen group is split off the trainable tree,
+so it has neither gradients nor optimizer state.
 """
 from __future__ import annotations
 
@@ -31,10 +31,13 @@ def group_of(path: tuple[str, ...]) -> str:
     return "llm"
 
 
+FREEZABLE = {"vision": "lr_vision", "merger": "lr_merger"}  # group -> the learning rate whose 0 freezes it
+
+
 def split_frozen(params: dict, cfg: OptimConfig) -> tuple[dict, dict]:
-    """(trainable, frozen) nested dicts; frozen is empty unless lr_vision == 0."""
+    """(trainable, frozen) nested dicts: frozen holds the FREEZABLE groups whose learning rate is 0."""
     flat = traverse_util.flatten_dict(params)
-    frozen = {p: v for p, v in flat.items() if cfg.lr_vision == 0 and group_of(p) == "vision"}
+    frozen = {p: v for p, v in flat.items() if group_of(p) in FREEZABLE and getattr(cfg, FREEZABLE[group_of(p)]) == 0}
     trainable = {p: v for p, v in flat.items() if p not in frozen}
     return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
@@ -88,7 +91,5 @@ def _decay_mask(tree: Any) -> Any:
 
 def learning_rates(cfg: OptimConfig, step: int) -> dict[str, float]:
     """Each trained group's learning rate at update `step` (0-based; for logging)."""
-    lrs = {"llm": cfg.lr_llm, "resampler": cfg.lr_resampler, "merger": cfg.lr_merger}
-    if cfg.lr_vision:
-        lrs["vision"] = cfg.lr_vision
-    return {g: float(schedule(lr, cfg)(step)) for g, lr in lrs.items()}
+    lrs = {"llm": cfg.lr_llm, "resampler": cfg.lr_resampler, "merger": cfg.lr_merger, "vision": cfg.lr_vision}
+    return {g: float(schedule(lr, cfg)(step)) for g, lr in lrs.items() if lr or g not in FREEZABLE}

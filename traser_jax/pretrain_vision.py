@@ -1,6 +1,6 @@
 """A pretrained vision tower for runs that start from scratch (the demo's stage 0).
 
-    python -m traser_jax.pretrain_vision CONFIG --data TRAIN_DIR --out DIR [--eval-data DIR]
+    python -m traser_jax.pretrain_vision CONFIG [--data TRAIN_DIR] [--catalog N] --out DIR [--eval-data DIR]
         [--steps 400] [--batch 128] [--lr 1e-3] [--crop 56] [--jitter 0.25] [--seed 0] [key=value ...]
 
 The published TRASER starts from Qwen2.5-VL's vision tower, pretrained on web-scale data, and
@@ -18,8 +18,13 @@ visible in frame 2i, a `crop` x `crop` window of the resized frames (the size th
 training) around the object's mask centroid, shifted by a random offset of up to `jitter` crops
 (a quarter by default; README, crop probes, for an eighth) and clipped to the frame. Labels come
 from the records alone: the object's name (one softmax over the training names) and its
-attributes (one sigmoid per attribute string seen in training). Reported: name accuracy, and attribute recall (of an object's k attributes, the
-share among the head's top k).
+attributes (one sigmoid per attribute string seen in training). Reported: name accuracy, and
+attribute recall (of an object's k attributes, the share among the head's top k).
+
+`--catalog N` adds N crops of the toyworld object catalog (`data_gen.toyworld.catalog`: single
+objects drawn as the scenes draw them, without a video; cheaper per crop than a video's and never
+the same object twice), cut as above from frames of `tokens.frame_size`; the vocabularies are then
+toyworld's. Without `--data` the tower learns from the catalog alone.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
 from traser_jax import config as config_lib
 from traser_jax.config import Config
@@ -51,6 +57,36 @@ class Crops:
     names: np.ndarray  # int [N]: index into the name vocabulary, -1 when not in it
     attributes: np.ndarray  # float32 [N, num attributes]: 1 where the object has the attribute
     boxes: np.ndarray  # int [N, 4]: (video index in the shards, first frame, y0, x0) of each crop
+
+
+def catalog_crops(cfg: Config, crop: int, count: int, seed: int, jitter: float, names: list[str],
+                  attributes: list[str], knobs: dict | None = None) -> Crops:
+    """`count` crops of the toyworld object catalog (data_gen.toyworld.catalog, catalog `seed`, frame
+    sides from the toyworld `knobs`), resized to crop x crop as `object_crops` sees the frames; crops
+    whose object is hidden are dropped. Labels index `names` and `attributes`."""
+    from tqdm import tqdm
+
+    from data_gen.toyworld import ToyworldConfig
+    from data_gen.toyworld.catalog import catalog_crop
+
+    vision, toyworld = cfg.vision, ToyworldConfig.from_knobs(**(knobs or {}))
+    if len(cfg.tokens.frame_size) != 2:
+        raise ValueError("--catalog needs tokens.frame_size (the frame size the crops are cut from)")
+    frame_size = (int(cfg.tokens.frame_size[0]), int(cfg.tokens.frame_size[1]))
+    pixels, labels, multi_hot = [], [], []
+    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
+    for index in tqdm(range(count), desc="object catalog", unit="crop", file=sys.stderr, mininterval=2):
+        item = catalog_crop(seed, index, crop, frame_size, jitter, config=toyworld)
+        if not item.mask.any():
+            continue
+        window = normalize(resize_frames(item.frames, crop, crop))
+        pixels.append(patchify(window, vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)[0])
+        labels.append(name_index.get(item.name, -1))
+        row = np.zeros(len(attributes), np.float32)
+        row[[attr_index[a] for a in item.attributes if a in attr_index]] = 1.0
+        multi_hot.append(row)
+    boxes = np.full((len(labels), 4), -1)  # not cut from a shard video
+    return Crops(np.stack(pixels), np.asarray(labels), np.stack(multi_hot), boxes)
 
 
 def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.Generator,
@@ -143,11 +179,12 @@ def scores(name_logits: np.ndarray, attr_logits: np.ndarray, crops: Crops) -> di
     return {"name_accuracy": accuracy, "attribute_recall": hits / total if total else float("nan")}
 
 
-def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_dir: str | Path | None = None,
+def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, eval_dir: str | Path | None = None,
              steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, jitter: float = 0.25,
-             seed: int = 0,
-             progress: bool = True) -> dict:
-    """Train the tower on crops (module doc), write the checkpoint and its report; return the report."""
+             seed: int = 0, catalog: int = 0, knobs: dict | None = None, progress: bool = True) -> dict:
+    """Train the tower on crops (module doc) of the shards in train_dir and `catalog` crops of the
+    toyworld object catalog (catalog seed = seed, toyworld `knobs`); write the checkpoint and its
+    report; return the report."""
     from tqdm import tqdm
 
     from traser_jax.convert import save_checkpoint
@@ -158,7 +195,21 @@ def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_di
     rng = np.random.default_rng(seed)
     if not 0 <= jitter <= 0.5:
         raise ValueError(f"jitter {jitter} must lie in [0, 0.5] (a fraction of the crop side)")
-    train, names, attributes = object_crops(train_dir, cfg, crop, rng, jitter=jitter)
+    if train_dir is None and catalog < 1:
+        raise ValueError("nothing to train on: give training shards, catalog crops, or both")
+    if catalog < 0:
+        raise ValueError(f"catalog {catalog} must be >= 0")
+    names = attributes = None
+    if catalog:  # toyworld's vocabularies, which the catalog draws from
+        from data_gen.toyworld import COLORS, SHAPES, SIZES, TEXTURES
+        names, attributes = sorted(SHAPES), sorted([*COLORS, *SIZES, *TEXTURES])
+    parts = []
+    if train_dir is not None:
+        shard_crops, names, attributes = object_crops(train_dir, cfg, crop, rng, names, attributes, jitter)
+        parts.append(shard_crops)
+    if catalog:
+        parts.append(catalog_crops(cfg, crop, catalog, seed, jitter, names, attributes, knobs))
+    train = Crops(*(np.concatenate(arrays) for arrays in zip(*(vars(p).values() for p in parts))))
     held_out = object_crops(eval_dir, cfg, crop, rng, names, attributes, jitter)[0] if eval_dir else None
     cells = crop // cfg.vision.patch_size
     grid = (1, cells, cells)
@@ -197,8 +248,9 @@ def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_di
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if not np.isfinite(losses[-1]):
         raise RuntimeError(f"pretrain_vision: the loss is {losses[-1]} after {steps} steps")
-    report = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "jitter": jitter,
-              "train_crops": int(len(train.names)), "names": names, "attributes": attributes, "first_loss": losses[0], "final_loss": losses[-1],
+    report = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "jitter": jitter, "catalog_crops": catalog,
+              "train_crops": int(len(train.names)), "names": names, "attributes": attributes,
+              "first_loss": losses[0], "final_loss": losses[-1],
               "train": evaluate(params, train)}
     if held_out is not None:
         report.update(eval_crops=int(len(held_out.names)), eval=evaluate(params, held_out))
@@ -211,10 +263,22 @@ def pretrain(cfg: Config, train_dir: str | Path, out_dir: str | Path, *, eval_di
     return report
 
 
+def parse_knobs(items: list[str]) -> dict:
+    """--knob KEY=VALUE items -> {key: YAML value}."""
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ValueError(f"--knob {bad[0]!r}: expected KEY=VALUE")
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m traser_jax.pretrain_vision", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="a preset name in configs/ or a YAML path")
-    parser.add_argument("--data", required=True, help="training shard directory")
+    parser.add_argument("--data", default=None, help="training shard directory")
+    parser.add_argument("--catalog", type=int, default=0,
+                        help="crops of the toyworld object catalog to train on too (or alone, without --data)")
+    parser.add_argument("--knob", action="append", default=[], metavar="KEY=VALUE",
+                        help="a toyworld knob for the catalog's frames (as data_gen.toyworld's), e.g. max_side=280")
     parser.add_argument("--eval-data", default=None, help="held-out shard directory to report on")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--steps", type=int, default=400)
@@ -229,8 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_lib.load(args.config, args.overrides)
         report = pretrain(cfg, args.data, args.out, eval_dir=args.eval_data, steps=args.steps, batch=args.batch,
-                          lr=args.lr, crop=args.crop, jitter=args.jitter, seed=args.seed)
-    except (config_lib.ConfigError, ValueError, RuntimeError) as err:
+                          lr=args.lr, crop=args.crop, jitter=args.jitter, seed=args.seed, catalog=args.catalog,
+                          knobs=parse_knobs(args.knob))
+    except (config_lib.ConfigError, ValueError, TypeError, RuntimeError) as err:  # TypeError: an unknown knob
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {k: report[k] for k in ("train_crops", "final_loss", "train")}

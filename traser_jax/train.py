@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from traser_jax import config as config_lib
 from traser_jax import optim, sharding
 from traser_jax.config import Config
-from traser_jax.data import DEVICE_KEYS
+from traser_jax.data import device_keys
 from traser_jax.model import Traser, abstract_params, embed_batch, init_params
 from traser_jax.modules.layers import dtype_of
 from traser_jax.tokens import IGNORE_INDEX
@@ -276,7 +276,7 @@ class Trainer:
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local numpy batch -> global arrays sharded over (data, fsdp)."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(batch[k])),
-                                                          np.asarray(batch[k])) for k in DEVICE_KEYS}
+                                                          np.asarray(batch[k])) for k in device_keys(batch)}
 
     def step(self, state: dict, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
         """One optimizer step; `state` is donated (use the returned one)."""
@@ -290,11 +290,24 @@ class Trainer:
         peak = arguments + outputs - alias + temporaries. Compiles from the abstract state: nothing is
         allocated, so it says whether a config fits a device before one is at hand."""
         arrays = {k: jax.ShapeDtypeStruct(np.shape(batch[k]), np.asarray(batch[k]).dtype,
-                                          sharding=self.batch_sharding(np.ndim(batch[k]))) for k in DEVICE_KEYS}
+                                          sharding=self.batch_sharding(np.ndim(batch[k])))
+                  for k in device_keys(batch)}
         with self.context():
             plan = self._step.lower(self.abstract_state(), arrays, statics_of(batch)).compile().memory_analysis()
         out = {k: int(getattr(plan, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
         return dict(out, peak=out["argument"] + out["output"] - out["alias"] + out["temp"])
+
+    def video_encoder(self, state: dict):
+        """(pixel_values, grid_thw) of one video -> its tower's output tokens (numpy), with the state's
+        vision parameters: what data.cache_vision_tokens feeds in their place. Compiles once per grid."""
+        vision = optim.merge(state["params"], state["frozen"])["vision"]
+        encode = jax.jit(lambda p, x, grid: self.model.apply({"params": {"vision": p}}, x, (grid,),
+                                                             method=Traser.encode_video), static_argnums=2)
+
+        def encode_video(pixel_values: np.ndarray, grid_thw) -> np.ndarray:
+            with self.context():
+                return np.asarray(encode(vision, jnp.asarray(pixel_values), tuple(int(g) for g in grid_thw)))
+        return encode_video
 
     def loss_and_grads(self, state: dict, batch: dict[str, np.ndarray]) -> tuple[jax.Array, dict]:
         """(loss, gradients of the trainable parameters) as `step` computes them, laid out as the
@@ -332,19 +345,25 @@ def run(cfg: Config, *, progress: bool = True) -> list[dict[str, float]]:
 
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    data_lib.check_vision_cache(cfg)
+    if cfg.data.cache_vision_tokens and jax.process_count() > 1:  # hosts would encode different video counts
+        raise config_lib.ConfigError("data.cache_vision_tokens is for single-process runs (the demo, sweeps)")
     trainer = Trainer(cfg)
     tokenizer = data_lib.run_tokenizer(cfg)
-    iterator = iter(data_lib.train_dataset(cfg, tokenizer))
     mngr = checkpoint_manager(cfg, cleanup_tmp=True)
-    if mngr.latest_step() is not None:
-        restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(trainer.abstract_state()),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
-        state = restored["state"]
+    latest = mngr.latest_step()
+    if latest is not None:
+        state = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
         print(f"resumed from step {int(state['step'])} ({mngr.directory})", file=sys.stderr)
     else:
         state = trainer.init_state(cfg.train.seed, load_init_params(cfg))
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    # The state first: a cached tower output (data.cache_vision_tokens) comes from its frozen tower.
+    encode = trainer.video_encoder(state) if cfg.data.cache_vision_tokens else None
+    iterator = iter(data_lib.train_dataset(cfg, tokenizer, encode_video=encode))
+    if latest is not None:
+        mngr.restore(latest, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
     start = int(state["step"])
     log = MetricsLog(run_dir, start, enabled=jax.process_index() == 0)
     bar = _progress(start, cfg.optim.num_steps, progress and jax.process_index() == 0)

@@ -39,17 +39,22 @@ def render_frame(scene: Scene, frame: int) -> tuple[np.ndarray, np.ndarray]:
     image = scene.background.copy()
     labels = np.full((scene.height, scene.width), BACKGROUND, np.int16)
     for body in sorted(scene.bodies, key=lambda b: -b.depth):  # far to near
-        sil = silhouette(scene, body, step)
-        if sil is None:
-            continue
-        y0, x0, inside = sil
-        h, w = inside.shape
-        cx, cy = scene.pos[body.index, step]
-        pattern = shapes.texture_mask(body.texture, y0, x0, (h, w), float(cx), float(cy), body.radius,
-                                      body.texture_angle)
-        colors = np.where(pattern[..., None], np.array(shapes.pattern_color(body.color), np.uint8),
-                          np.array(shapes.COLORS[body.color], np.uint8))
-        region = image[y0:y0 + h, x0:x0 + w]
-        region[inside] = colors[inside]
-        labels[y0:y0 + h, x0:x0 + w][inside] = body.index
+        if scene.present[body.index, step]:
+            cx, cy = scene.pos[body.index, step]
+            paint(image, labels, body, float(cx), float(cy))
     return image, labels
+
+
+def paint(image: np.ndarray, labels: np.ndarray, body: Body, cx: float, cy: float) -> None:
+    """Draw `body` centered at (cx, cy) over `image` (uint8 [H, W, 3]) and write its index into
+    `labels` (int16 [H, W]) where it shows, in place."""
+    sil = shapes.rasterize(body.shape, cx, cy, body.radius, image.shape[0], image.shape[1])
+    if sil is None:
+        return
+    y0, x0, inside = sil
+    h, w = inside.shape
+    pattern = shapes.texture_mask(body.texture, y0, x0, (h, w), cx, cy, body.radius, body.texture_angle)
+    colors = np.where(pattern[..., None], np.array(shapes.pattern_color(body.color), np.uint8),
+                      np.array(shapes.COLORS[body.color], np.uint8))
+    image[y0:y0 + h, x0:x0 + w][inside] = colors[inside]
+    labels[y0:y0 + h, x0:x0 + w][inside] = body.index

@@ -156,10 +156,10 @@ def sample_scene(seed: int, index: int, config: ToyworldConfig) -> Scene:
     fps = int(rng.choice(config.fps_choices))
     sides = np.arange(config.min_side, config.max_side + 1, config.side_step)
     width, height = int(rng.choice(sides)), int(rng.choice(sides))
-    background = _background(rng, height, width)
+    background = draw_background(rng, height, width)
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
     side = min(width, height)
-    bodies = [_new_body(rng, i, side) for i in range(n)]
+    bodies = [new_body(rng, i, side) for i in range(n)]
     _assign_roles(rng, bodies, width, height, duration)
     num_steps = duration * PHYSICS_HZ + 1
     pos, present, carried_by, contacts = _simulate(bodies, width, height, num_steps)
@@ -167,7 +167,7 @@ def sample_scene(seed: int, index: int, config: ToyworldConfig) -> Scene:
                  background=background, pos=pos, present=present, carried_by=carried_by, contacts=contacts)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def draw_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A muted two-color gradient with mild static noise (never a flat color)."""
     c0 = rng.uniform(70, 200, 3)
     c1 = np.clip(c0 + rng.uniform(-60, 60, 3), 40, 220)
@@ -181,7 +181,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def _new_body(rng: np.random.Generator, i: int, side: int) -> Body:
+def new_body(rng: np.random.Generator, i: int, side: int) -> Body:
     size = str(rng.choice(list(shapes.SIZES)))
     lane = int(rng.integers(NUM_LANES))
     return Body(index=i, shape=str(rng.choice(shapes.SHAPES)), color=str(rng.choice(list(shapes.COLORS))),
