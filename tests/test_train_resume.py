@@ -4,7 +4,7 @@ each in a process of its own, on 8 small toyworld videos:
 - an uninterrupted run logs metrics.jsonl and TensorBoard events, and its checkpoints show the frozen
   vision tower untouched and without optimizer state while the merger trains;
 - a run killed with SIGKILL after a checkpoint and started again logs the same losses, on the very
-  same batches, as the uninterrupted run;
+  same batches, as the uninterrupted run (also on cached tower tokens, data.cache_vision_tokens);
 - a run whose loss turns non-finite stops naming the step, exits non-zero, and keeps the last good
   checkpoint (no checkpoint of the bad step).
 
@@ -124,13 +124,30 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, timeo
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_sigkill_and_restart_continues_on_the_same_batches(workspace, uninterrupted, workers):
-    """With grain worker processes too (their iterator state is checkpointed the same way), against the
-    uninterrupted run without them: the batch order does not depend on the worker count."""
+# The tower and merger frozen, their output tokens computed once per video in the training process.
+CACHED = ["data.cache_in_memory=true", "optim.lr_vision=0", "optim.lr_merger=0", "data.cache_vision_tokens=true"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cached(workspace):
     root, data, env = workspace
-    run_dir = root / f"killed_{workers}_workers"
-    overrides = train_overrides(data, run_dir, *RUN_ARGS, f"data.worker_count={workers}")
+    run_dir = root / "uninterrupted_cached"
+    proc = run_train(train_overrides(data, run_dir, *RUN_ARGS, *CACHED), env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("name,extra", [("0_workers", ["data.worker_count=0"]),
+                                        pytest.param("2_workers", ["data.worker_count=2"], marks=pytest.mark.slow),
+                                        ("cached_vision_tokens", CACHED)])
+def test_sigkill_and_restart_continues_on_the_same_batches(workspace, request, name, extra):
+    """With grain worker processes too (their iterator state is checkpointed the same way), against the
+    uninterrupted run without them: the batch order does not depend on the worker count. With cached
+    tower tokens (re-encoded from the restored state's tower), against an uninterrupted cached run."""
+    root, data, env = workspace
+    uninterrupted = request.getfixturevalue("uninterrupted_cached" if extra is CACHED else "uninterrupted")
+    run_dir = root / f"killed_{name}"
+    overrides = train_overrides(data, run_dir, *RUN_ARGS, *extra)
     with open(run_dir.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(train_command(overrides), cwd=REPO, env=env, stdout=log, stderr=log)
         try:
