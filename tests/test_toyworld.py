@@ -19,7 +19,7 @@ from data_gen import rle
 from data_gen.record import CAMERA_ID, CATEGORIES, Record, sample_frame_indices, to_traser_json
 from data_gen.shards import ShardReader
 from data_gen.toyworld import (COLORS, PREDICATES, SHAPES, SIZES, TEXTURES, generate_video, generate_with_scene,
-                               render_all_frames, write_video_file)
+                               ToyworldConfig, render_all_frames, write_video_file)
 from data_gen.toyworld.__main__ import main as toyworld_main
 from data_gen.toyworld.draw import full_mask, silhouette
 from data_gen.toyworld.shapes import OUTLINES, pattern_color
@@ -133,6 +133,15 @@ def test_knobs_are_checked_and_used():
                                     max_side=224, max_objects=3)
     assert record.video.duration == 4 and record.video.fps == 2 and frames.shape[1:3] == (224, 224)
     assert len(record.objects) <= 3
+    # the command-line form (data_gen.toyworld and pretrain_vision --knob KEY=VALUE)
+    assert ToyworldConfig.parse_knobs(["max_objects=4", "fps_choices=[1, 2]"]) == {"max_objects": 4,
+                                                                                    "fps_choices": [1, 2]}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        ToyworldConfig.parse_knobs(["max_objects"])
+    with pytest.raises(ValueError, match="fps_choices"):
+        ToyworldConfig.parse_knobs(["fps_choices=[7]"])
+    with pytest.raises(TypeError, match="max_objectz"):
+        ToyworldConfig.parse_knobs(["max_objectz=3"])
 
 
 # -- masks are what is drawn ---------------------------------------------------------
@@ -413,7 +422,6 @@ def test_catalog_crops_show_their_object_where_its_mask_says():
     one of its two texture colors, its size is the drawn size, and its centroid sits within `jitter`
     crops of the middle (up to occlusion by the other objects and the window's edge)."""
     from data_gen.toyworld.catalog import catalog_crop
-    from data_gen.toyworld.world import ToyworldConfig
 
     config = ToyworldConfig.from_knobs(max_side=280)
     sides = {224, 252, 280}

@@ -205,8 +205,7 @@ def train_dataset(cfg: Config, tokenizer_path: str, *, process_index: int | None
     ds = ds[process_index::process_count].map(Featurize(cfg, tokenizer_path))
     if cfg.data.cache_in_memory:  # featurize each video once (small datasets: the demo, sweeps)
         videos = list(in_workers(ds, cfg.data.worker_count))
-        if cfg.data.cache_vision_tokens:
-            check_vision_cache(cfg)
+        if cfg.data.cache_vision_tokens:  # train.run has checked the settings (check_vision_cache)
             if encode_video is None:
                 raise ValueError("data.cache_vision_tokens: train_dataset needs encode_video")
             videos = [dataclasses.replace(v, video_tokens=np.asarray(encode_video(v.pixel_values, v.grid_thw),

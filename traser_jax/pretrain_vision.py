@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from traser_jax import config as config_lib
 from traser_jax.config import Config
@@ -73,20 +72,28 @@ def catalog_crops(cfg: Config, crop: int, count: int, seed: int, jitter: float, 
     if len(cfg.tokens.frame_size) != 2:
         raise ValueError("--catalog needs tokens.frame_size (the frame size the crops are cut from)")
     frame_size = (int(cfg.tokens.frame_size[0]), int(cfg.tokens.frame_size[1]))
-    pixels, labels, multi_hot = [], [], []
-    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
+    pixels, crop_objects = [], []  # crop_objects: (name, attributes) of each crop's object
     for index in tqdm(range(count), desc="object catalog", unit="crop", file=sys.stderr, mininterval=2):
         item = catalog_crop(seed, index, crop, frame_size, jitter, config=toyworld)
         if not item.mask.any():
             continue
         window = normalize(resize_frames(item.frames, crop, crop))
         pixels.append(patchify(window, vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)[0])
-        labels.append(name_index.get(item.name, -1))
-        row = np.zeros(len(attributes), np.float32)
-        row[[attr_index[a] for a in item.attributes if a in attr_index]] = 1.0
-        multi_hot.append(row)
-    boxes = np.full((len(labels), 4), -1)  # not cut from a shard video
-    return Crops(np.stack(pixels), np.asarray(labels), np.stack(multi_hot), boxes)
+        crop_objects.append((item.name, item.attributes))
+    boxes = np.full((len(crop_objects), 4), -1)  # not cut from a shard video
+    return Crops(np.stack(pixels), *label_rows(crop_objects, names, attributes), boxes)
+
+
+def label_rows(crop_objects: list[tuple[str, list[str]]], names: list[str], attributes: list[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each (name, attributes) pair's name in `names`, -1 when absent; float32 multi-hot rows over
+    `attributes`): the crops' labels."""
+    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
+    labels = np.asarray([name_index.get(name, -1) for name, _ in crop_objects], np.int64)
+    multi_hot = np.zeros((len(crop_objects), len(attributes)), np.float32)
+    for row, (_, attrs) in enumerate(crop_objects):
+        multi_hot[row, [attr_index[a] for a in attrs if a in attr_index]] = 1.0
+    return labels, multi_hot
 
 
 def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.Generator,
@@ -132,12 +139,7 @@ def object_crops(shard_dir: str | Path, cfg: Config, crop: int, rng: np.random.G
         raise ValueError(f"{shard_dir}: no object is visible in any sampled frame")
     names = names if names is not None else sorted(seen_names)
     attributes = attributes if attributes is not None else sorted(seen_attributes)
-    name_index, attr_index = {n: i for i, n in enumerate(names)}, {a: i for i, a in enumerate(attributes)}
-    labels = np.asarray([name_index.get(name, -1) for name, _ in crop_objects])
-    multi_hot = np.zeros((len(crop_objects), len(attributes)), np.float32)
-    for row, (_, attrs) in enumerate(crop_objects):
-        multi_hot[row, [attr_index[a] for a in attrs if a in attr_index]] = 1.0
-    return Crops(np.stack(pixels), labels, multi_hot, np.asarray(boxes)), names, attributes
+    return Crops(np.stack(pixels), *label_rows(crop_objects, names, attributes), np.asarray(boxes)), names, attributes
 
 
 class CropClassifier(nn.Module):
@@ -263,14 +265,6 @@ def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, 
     return report
 
 
-def parse_knobs(items: list[str]) -> dict:
-    """--knob KEY=VALUE items -> {key: YAML value}."""
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise ValueError(f"--knob {bad[0]!r}: expected KEY=VALUE")
-    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m traser_jax.pretrain_vision", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="a preset name in configs/ or a YAML path")
@@ -290,11 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
+    from data_gen.toyworld import ToyworldConfig
+
     try:
         cfg = config_lib.load(args.config, args.overrides)
         report = pretrain(cfg, args.data, args.out, eval_dir=args.eval_data, steps=args.steps, batch=args.batch,
                           lr=args.lr, crop=args.crop, jitter=args.jitter, seed=args.seed, catalog=args.catalog,
-                          knobs=parse_knobs(args.knob))
+                          knobs=ToyworldConfig.parse_knobs(args.knob))
     except (config_lib.ConfigError, ValueError, TypeError, RuntimeError) as err:  # TypeError: an unknown knob
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,8 +11,6 @@ import argparse
 import json
 import sys
 
-import yaml
-
 from tqdm import tqdm
 
 from data_gen.shards import ShardError, ShardWriter, read_manifest
@@ -45,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a ToyworldConfig knob, e.g. --knob max_objects=4 --knob fps_choices=[1,2]")
     args = parser.parse_args(argv)
     try:
-        args.knobs = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.knob)}
-        ToyworldConfig.from_knobs(**args.knobs)
+        args.knobs = ToyworldConfig.parse_knobs(args.knob)
     except (ValueError, TypeError) as err:
         parser.error(f"--knob: {err}")
     if args.num_videos < 0:

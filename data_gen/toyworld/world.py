@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+import yaml
 
 from data_gen.toyworld import shapes
 
@@ -55,6 +56,17 @@ class ToyworldConfig:
         if "fps_choices" in knobs:
             knobs["fps_choices"] = tuple(int(f) for f in knobs["fps_choices"])
         return cls(**knobs).validate()
+
+    @staticmethod
+    def parse_knobs(items: list[str]) -> dict:
+        """Command-line `--knob KEY=VALUE` items -> {key: YAML value}, checked as `from_knobs` checks them
+        (ValueError for a malformed item or a bad value, TypeError for an unknown key)."""
+        bad = [item for item in items if "=" not in item]
+        if bad:
+            raise ValueError(f"--knob {bad[0]!r}: expected KEY=VALUE")
+        knobs = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+        ToyworldConfig.from_knobs(**dict(knobs))
+        return knobs
 
     def validate(self) -> "ToyworldConfig":
         if not 1 <= self.min_objects <= self.max_objects:
