@@ -36,8 +36,8 @@ def random_payload(rng: random.Random, k: int, d: int) -> dict:
         for _ in range(rng.randint(1, 3)):
             a = rng.randint(0, d)
             spans.append([a, rng.randint(a, d)])
-        rels.append([rng.randint(1, k), rng.choice(["next to", "riding", "looking at"]),
-                     rng.choice([-1, rng.randint(1, k)]), spans])
+        subject, predicate, other = rng.randint(1, k), rng.choice(["next to", "riding", "looking at"]), rng.randint(1, k)
+        rels.append([subject, predicate, rng.choice([-1, other if other != subject else -1]), spans])
     return {"objects": objects, "relationships": rels}
 
 
@@ -82,7 +82,7 @@ def check_output(text: str, k: int, d: int) -> None:
         assert all(isinstance(a, str) and a.strip() and len(a) <= MAX_CHARS for a in entry["attributes"])
     assert len(payload["objects"]) == k
     for s, pred, o, spans in payload["relationships"]:
-        assert type(s) is int and 1 <= s <= k and type(o) is int and (o == -1 or 1 <= o <= k)
+        assert type(s) is int and 1 <= s <= k and type(o) is int and (o == -1 or 1 <= o <= k) and o != s
         assert isinstance(pred, str) and pred.strip() and len(pred) <= MAX_CHARS
         assert spans and all(type(a) is int and type(b) is int and 0 <= a <= b <= d for a, b in spans)
     rec = template(k, d)
@@ -124,7 +124,7 @@ def test_canonical_targets_are_accepted(tok, compact):
 
 
 OBJ1 = '{"objects":[{"object 1":"a","attributes":[]}'
-REL = OBJ1 + '],"relationships":[[1,"r",1,['
+REL = OBJ1 + '],"relationships":[[1,"r",-1,['
 
 
 @pytest.mark.parametrize("text, k, d, offense", [
@@ -138,6 +138,9 @@ REL = OBJ1 + '],"relationships":[[1,"r",1,['
     (OBJ1 + '],"relationships":[[2', 1, 5, "2"),  # subject id > K
     (OBJ1 + '],"relationships":[[0', 1, 5, "0"),  # subject id 0
     (OBJ1 + '],"relationships":[[1,"r",-2', 1, 5, "2"),  # only -1 is negative
+    (OBJ1 + '],"relationships":[[1,"r",1', 1, 5, "1"),  # an object related to itself
+    ('{"objects":[{"object 1":"a","attributes":[]},{"object 2":"b","attributes":[]}],"relationships":[[2,"r",2',
+     2, 5, "2"),
     (REL + "]", 1, 5, "]"),  # a relation without spans
     (REL + "[3,2", 1, 5, "2"),  # end < start
     (REL + "[3,6", 1, 5, "6"),  # end > D
@@ -175,7 +178,7 @@ def test_device_candidates_equal_host_reference(tok, grammar):
         remaining = int(rng.integers(1, 40))
         rows.append((machine, k, d, remaining))
     ms = constrained.MachineState(*(jnp.asarray([getattr(m, f) for m, *_ in rows], jnp.int32)
-                                    for f in ("state", "num", "span_start", "objects", "chars")))
+                                    for f in ("state", "num", "span_start", "objects", "chars", "subject")))
     allowed_classes, after = fn(g, ms, *(jnp.asarray([r[i] for r in rows], jnp.int32) for i in (1, 2, 3)))
     allowed = np.asarray(allowed_classes)[:, grammar.token_class]  # classes -> tokens
     bias = np.asarray(jax.jit(constrained.token_bias)(g, allowed_classes))

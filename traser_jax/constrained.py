@@ -11,7 +11,8 @@ in the canonical compact style of `traser_jax.tokenizer.serialize_target`
 (or json.dumps' default ", " / ": " style with compact=False), where, per video:
 - the objects are exactly "object 1" .. "object K", in order (K = the visible
   objects of the input, `Record.visible_objects()`);
-- subject ids are in 1..K, object ids in 1..K or -1 (the camera);
+- subject ids are in 1..K, object ids in 1..K or -1 (the camera), never the
+  relation's own subject (no object is related to itself; toyworld never does it);
 - a span [a, b] has integers 0 <= a <= b <= D, D = floor(duration in seconds)
   (`span_limit`): the largest whole second `Record.validate` accepts, and what
   `data_gen.record.to_traser_json` writes for spans inside the video; every
@@ -34,10 +35,11 @@ byte strings into one dense table `table[state, token_class]` (int32; -1 =
 forbidden) whose entries pack the next state and what the token did on the way:
 it ended a number, opened an object, closed the objects list, and how many string
 characters it added. Per-video quantities (K, D) and the few unbounded counts live
-in five int32 registers per row instead of in the states:
+in six int32 registers per row instead of in the states:
 
     num   the number being written (-1: none yet)   a     the current span's start
     nobj  objects opened so far                      slen  characters of the open string
+    subj  the current relation's subject id
 
 so one table serves every video and a batch shares it. A decode step is
 
@@ -54,7 +56,9 @@ Budget: `upper_bound(state, registers)` is the token count of a fixed way to clo
 the JSON from there (shortest paths over the table, computed on the host, plus the
 digits and objects the registers still require). It is exact for that strategy and
 drops by one along it, so allowing a token only when upper_bound(next) <= tokens
-left - 1 keeps a valid close always reachable. Every row's budget must cover
+left - 1 keeps a valid close always reachable. With K = 1 a relation's object can only be the
+camera, "-1", a token more than a digit: the states of a relation before its object
+(`owes_object`) count it. Every row's budget must cover
 `min_new_tokens(K)` (that strategy from the start), checked on the host.
 
 Memory: table S x C int32 plus token_class [V] int32. Tokens that act alike in
@@ -116,6 +120,7 @@ class _CharMachine:
         self.field: list[int] = []  # number field written in this state, -1 if none
         self.nonempty: list[bool] = []  # a number state with at least one digit
         self.pending: list[int] = []  # number field whose digits are still owed (its empty state and the way to it)
+        self.owes_object: list[bool] = []  # a relation's states before its object id is written
         self.edges: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     def state(self, name: str, *, in_string=False, string_start=False, field=-1, nonempty=False,
@@ -126,6 +131,7 @@ class _CharMachine:
         self.field.append(field)
         self.nonempty.append(nonempty)
         self.pending.append(field if (field >= 0 and not nonempty) else pending)
+        self.owes_object.append(False)
         return len(self.names) - 1
 
     def edge(self, src: int, chars: bytes | str, dst: int, event: int = 0, add: int = 0) -> None:
@@ -223,8 +229,12 @@ def _build_machine(compact: bool) -> _Skeleton:
     m.edge(rels_open, "[", subj_empty)
     pred_start, pred_end = m.string("predicate")
     _exit_then(m, subj_full, item, '"', end=pred_start)
+    head = list(range(subj_empty, len(m.names)))  # subject, predicate and the way between
     obj_empty, obj_full = m.number(OBJECT)
+    before = len(m.names)
     m.lit(pred_end, item, end=obj_empty, pending=OBJECT)
+    for s in [*head, obj_empty, *range(before, len(m.names))]:
+        m.owes_object[s] = True
     camera = m.lit(obj_empty, "-1")
     obj_comma = m.state("object id,")
     m.edge(obj_full, item[0], obj_comma, EV_NUM_EXIT)
@@ -241,7 +251,10 @@ def _build_machine(compact: bool) -> _Skeleton:
     m.edge(span_closed, "]", spans_closed)
     rel_closed = m.state("relation]")
     m.edge(spans_closed, "]", rel_closed)
-    m.lit(rel_closed, item + "[", end=subj_empty)
+    before = len(m.names)
+    m.lit(rel_closed, item + "[", end=subj_empty)  # a next relation, owed once its separator is written
+    for s in range(before, len(m.names)):
+        m.owes_object[s] = True
     m.edge(rel_closed, "]", rels_closed)
     done = m.state("done")
     m.edge(rels_closed, "}", done)
@@ -403,6 +416,7 @@ class Grammar:
     field: np.ndarray  # [S] number field written in the state, -1 if none
     nonempty: np.ndarray  # [S] a number state holding a digit
     pending: np.ndarray  # [S] number field still owed on the way (empty number states included)
+    owes_object: np.ndarray  # [S] a relation's states before its object id
     in_string: np.ndarray  # [S]
     string_start: np.ndarray  # [S]
     base: np.ndarray  # [S] tokens to the end, opening no object
@@ -436,14 +450,14 @@ class Grammar:
     def min_new_tokens(self, num_objects: int) -> int:
         """The token budget a row with K objects needs (end token included): the closing
         strategy's length from the start, about the shortest valid output."""
-        return HostConstraint(self, num_objects, 0).upper_bound(self.start, -1, 0, 0)
+        return HostConstraint(self, num_objects, 0).upper_bound(self.start, -1, 0, 0, 0)
 
     def device(self) -> "DeviceGrammar":
         i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
         return DeviceGrammar(
             table=i32(self.table), token_class=i32(self.token_class), class_digit=i32(self.class_digit),
             field=i32(self.field), nonempty=jnp.asarray(self.nonempty), pending=i32(self.pending),
-            in_string=jnp.asarray(self.in_string), base=i32(self.base), dist_object=i32(self.dist_object),
+            owes_object=jnp.asarray(self.owes_object), in_string=jnp.asarray(self.in_string), base=i32(self.base), dist_object=i32(self.dist_object),
             dist_open=i32(self.dist_open), start=i32(self.start), final=i32(self.final),
             max_chars=i32(self.max_chars), cycle=i32(self.cycle), base_after_object=i32(self.base[self.after_object]))
 
@@ -500,7 +514,7 @@ def compile_tokens(token_bytes: Sequence[bytes | None], end_id: int, max_chars: 
     return Grammar(
         table=table, token_class=token_class, digit_value=digit_value, class_digit=class_digit,
         field=np.asarray(m.field, np.int32), nonempty=np.asarray(m.nonempty), pending=np.asarray(m.pending, np.int32),
-        in_string=in_string, string_start=string_start, base=base, dist_object=dist_object, dist_open=dist_open,
+        owes_object=np.asarray(m.owes_object), in_string=in_string, string_start=string_start, base=base, dist_object=dist_object, dist_open=dist_open,
         start=sk.start, final=sk.final, done=sk.done, after_object=sk.after_object, end_id=end_id,
         max_chars=max_chars, compact=compact, cycle=int(dist_open[sk.after_object]), names=list(m.names))
 
@@ -538,6 +552,7 @@ class DeviceGrammar(NamedTuple):
     field: jax.Array  # [S]
     nonempty: jax.Array  # [S]
     pending: jax.Array  # [S]
+    owes_object: jax.Array  # [S]
     in_string: jax.Array  # [S]
     base: jax.Array  # [S]
     dist_object: jax.Array  # [S]
@@ -550,17 +565,18 @@ class DeviceGrammar(NamedTuple):
 
 
 class MachineState(NamedTuple):
-    """Per row: the grammar state and the four registers (all int32 [B], or [B, V] for candidates)."""
+    """Per row: the grammar state and the five registers (all int32 [B], or [B, V] for candidates)."""
     state: jax.Array
     num: jax.Array  # the number being written, -1 before its first digit
     span_start: jax.Array  # the current span's start second
     objects: jax.Array  # objects opened so far
     chars: jax.Array  # characters of the open string
+    subject: jax.Array  # the current relation's subject id (0 before the first)
 
 
 def initial_state(g: DeviceGrammar, batch: int) -> MachineState:
     z = jnp.zeros((batch,), jnp.int32)
-    return MachineState(z + g.start, z - 1, z, z, z)
+    return MachineState(z + g.start, z - 1, z, z, z, z)
 
 
 def _ndigits(x):
@@ -574,15 +590,19 @@ def _bounds(field, objects, span_start, num_objects, max_second):
     return lo, hi
 
 
-def _digits_to_finish(p, lo, hi):
-    """Fewest digits to append to the prefix p >= 0 for a number in [lo, hi] (INF if none).
+def _digits_to_finish(p, lo, hi, excluded):
+    """Fewest digits to append to the prefix p >= 0 for a number in [lo, hi] other than `excluded`
+    (INF if none).
 
     Appending j digits spans [p 10^j, (p + 1) 10^j - 1], which meets [lo, hi] iff
-    lo // 10^j <= p <= hi // 10^j; a leading 0 takes no more digits."""
-    out = jnp.full(jnp.broadcast_shapes(p.shape, lo.shape, hi.shape), INF, jnp.int32)
+    lo // 10^j <= p <= hi // 10^j (then p 10^j <= hi: no overflow); a leading 0 takes no
+    more digits. The meeting range must not be `excluded` alone."""
+    out = jnp.full(jnp.broadcast_shapes(p.shape, lo.shape, hi.shape, excluded.shape), INF, jnp.int32)
     for j in reversed(range(10)):
         meets = (p >= lo // 10 ** j) & (p <= hi // 10 ** j) & (p >= 0) & ((p > 0) | (j == 0))
-        out = jnp.where(meets, j, out)
+        first = jnp.maximum(lo, jnp.where(meets, p, 0) * 10 ** j)
+        last = jnp.minimum(hi, jnp.where(meets, p, 0) * 10 ** j + (10 ** j - 1))
+        out = jnp.where(meets & ~((first == last) & (first == excluded)), j, out)
     return out
 
 
@@ -591,7 +611,7 @@ def _digit_sum(n):
     return sum(jnp.maximum(n - 10 ** (d - 1) + 1, 0) for d in range(1, 10))
 
 
-def upper_bound(g: DeviceGrammar, state, num, span_start, objects, num_objects, max_second):
+def upper_bound(g: DeviceGrammar, state, num, span_start, objects, subject, num_objects, max_second):
     """Tokens of the fixed closing strategy from (state, registers), end token included; INF if stuck."""
     def more_objects(first):  # objects first..K, each from after_object back to it
         count = num_objects - first + 1
@@ -606,7 +626,9 @@ def upper_bound(g: DeviceGrammar, state, num, span_start, objects, num_objects, 
     field = jnp.where(nonempty, g.field[state], g.pending[state])
     lo, hi = _bounds(field, objects, span_start, num_objects, max_second)
     owed = jnp.where(lo <= hi, _ndigits(lo) - 1, INF)
-    extra = jnp.where(nonempty, _digits_to_finish(num, lo, hi), jnp.where(field >= 0, owed, 0))
+    excluded = jnp.where(field == OBJECT, subject, -1)  # never a relation's own subject
+    extra = jnp.where(nonempty, _digits_to_finish(num, lo, hi, excluded), jnp.where(field >= 0, owed, 0))
+    extra += (g.owes_object[state] & (num_objects == 1)).astype(jnp.int32)  # the camera's "-1"
     return jnp.minimum(jnp.minimum(core, INF) + extra, INF)
 
 
@@ -633,7 +655,7 @@ def candidates(g: DeviceGrammar, ms: MachineState, num_objects, max_second, rema
     digit_move = (field >= 0) & (digit >= 0)  # the table allows digits in number states only as whole tokens
     allowed &= ~digit_move | (num != 0)  # no digit after a leading 0
     exits = (events & EV_NUM_EXIT) > 0
-    allowed &= ~exits | ((num >= lo) & (num <= hi))
+    allowed &= ~exits | ((num >= lo) & (num <= hi) & ((field != OBJECT) | (num != col(ms.subject))))
     opens = (events & EV_OBJ_OPEN) > 0
     allowed &= ~opens | (objects < k)
     allowed &= ((events & EV_OBJS_CLOSE) == 0) | (objects == k)
@@ -645,8 +667,9 @@ def candidates(g: DeviceGrammar, ms: MachineState, num_objects, max_second, rema
         num=jnp.where(digit_move, jnp.where(num < 0, digit, num * 10 + digit), -1),
         span_start=jnp.broadcast_to(jnp.where(exits & (field == SPAN_START), num, a), shape),
         objects=jnp.broadcast_to(objects + opens, shape),
-        chars=jnp.where(cont, chars + first, last))
-    ub = upper_bound(g, new.state, new.num, new.span_start, new.objects, k, d)
+        chars=jnp.where(cont, chars + first, last),
+        subject=jnp.broadcast_to(jnp.where(exits & (field == SUBJECT), num, col(ms.subject)), shape))
+    ub = upper_bound(g, new.state, new.num, new.span_start, new.objects, new.subject, k, d)
     allowed &= ub <= col(remaining) - 1
     return allowed, new
 
@@ -681,24 +704,26 @@ class HostConstraint:
 
     def __init__(self, grammar: Grammar, num_objects: int, max_second: int):
         self.g, self.k, self.d = grammar, int(num_objects), int(max_second)
-        self.state, self.num, self.span_start, self.objects, self.chars = grammar.start, -1, 0, 0, 0
+        self.state, self.num, self.span_start, self.objects, self.chars, self.subject = grammar.start, -1, 0, 0, 0, 0
 
     @property
     def finished(self) -> bool:
         return self.state == self.g.final
 
-    def _range(self, field: int, span_start: int, objects: int) -> range:
+    def _range(self, field: int, span_start: int, objects: int, subject: int) -> list[int]:
         if field == KEY:
-            return range(objects, objects + 1)
-        if field in (SUBJECT, OBJECT):
-            return range(1, self.k + 1)
-        return range(0 if field == SPAN_START else span_start, self.d + 1)
+            return [objects]
+        if field == SUBJECT:
+            return list(range(1, self.k + 1))
+        if field == OBJECT:
+            return [v for v in range(1, self.k + 1) if v != subject]
+        return list(range(0 if field == SPAN_START else span_start, self.d + 1))
 
-    def _digits_to_finish(self, prefix: str, values: range) -> int:
+    def _digits_to_finish(self, prefix: str, values: list[int]) -> int:
         ends = [len(str(v)) - len(prefix) for v in values if str(v).startswith(prefix)]
         return min(ends) if ends else INF
 
-    def upper_bound(self, state: int, num: int, span_start: int, objects: int) -> int:
+    def upper_bound(self, state: int, num: int, span_start: int, objects: int, subject: int) -> int:
         g, k = self.g, self.k
 
         def more(first: int) -> int:
@@ -711,33 +736,41 @@ class HostConstraint:
         else:
             core = int(g.dist_open[state]) + len(str(objects + 1)) - 1 + more(objects + 2) + int(g.base[g.after_object])
         if g.nonempty[state]:
-            extra = self._digits_to_finish(str(num), self._range(int(g.field[state]), span_start, objects))
+            extra = self._digits_to_finish(str(num), self._range(int(g.field[state]), span_start, objects,
+                                                                 subject))
         elif g.pending[state] >= 0:
-            values = self._range(int(g.pending[state]), span_start, objects)
-            extra = len(str(values[0])) - 1 if len(values) else INF
+            values = self._range(int(g.pending[state]), span_start, objects, subject)
+            if values:
+                extra = len(str(values[0])) - 1
+            else:  # no id at all, or only the camera's (counted below)
+                extra = 0 if g.pending[state] == OBJECT else INF
         else:
             extra = 0
+        if g.owes_object[state] and not any(o != s for s in range(1, k + 1) for o in range(1, k + 1)):
+            extra += 1  # every relation's object is the camera, "-1": a token more than a one-digit id
         return min(min(core, INF) + extra, INF)
 
-    def step(self, token: int, remaining: int) -> tuple[int, int, int, int, int] | None:
-        """The next (state, num, span_start, objects, chars), or None if the token is not allowed."""
+    def step(self, token: int, remaining: int) -> tuple[int, int, int, int, int, int] | None:
+        """The next (state, num, span_start, objects, chars, subject), or None if the token is not allowed."""
         g = self.g
         entry = g.entry(self.state, token)
         if entry < 0:
             return None
         nxt, events, cont, first, last = (int(x) for x in _unpack(np.asarray(entry)))
         field = int(g.field[self.state])
-        num, span_start, objects = -1, self.span_start, self.objects
+        num, span_start, objects, subject = -1, self.span_start, self.objects, self.subject
         if field >= 0 and g.digit_value[token] >= 0:
             text = ("" if self.num < 0 else str(self.num)) + str(int(g.digit_value[token]))
             if text.startswith("0") and len(text) > 1:
                 return None
             num = int(text)
         if events & EV_NUM_EXIT:
-            if self.num not in self._range(field, self.span_start, self.objects):
+            if self.num not in self._range(field, self.span_start, self.objects, self.subject):
                 return None
             if field == SPAN_START:
                 span_start = self.num
+            if field == SUBJECT:
+                subject = self.num
         if events & EV_OBJ_OPEN:
             if self.objects >= self.k:
                 return None
@@ -747,9 +780,9 @@ class HostConstraint:
         if g.in_string[self.state] and self.chars + first > g.max_chars:
             return None
         chars = self.chars + first if cont else last
-        if self.upper_bound(nxt, num, span_start, objects) > remaining - 1:
+        if self.upper_bound(nxt, num, span_start, objects, subject) > remaining - 1:
             return None
-        return nxt, num, span_start, objects, chars
+        return nxt, num, span_start, objects, chars, subject
 
     def allowed(self, remaining: int) -> np.ndarray:
         return np.asarray([self.step(t, remaining) is not None for t in range(self.g.vocab_size)])
@@ -759,5 +792,5 @@ class HostConstraint:
         if out is None:
             raise GrammarError(f"token {token} is not allowed in state {self.g.names[self.state]!r} "
                                f"(registers num={self.num}, span_start={self.span_start}, objects={self.objects}, "
-                               f"chars={self.chars}; {remaining} tokens left)")
-        self.state, self.num, self.span_start, self.objects, self.chars = out
+                               f"chars={self.chars}, subject={self.subject}; {remaining} tokens left)")
+        self.state, self.num, self.span_start, self.objects, self.chars, self.subject = out
