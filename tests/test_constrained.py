@@ -160,9 +160,11 @@ def test_invalid_continuations_are_refused(tok, grammar, text, k, d, offense):
     assert consumed <= len(text) - len(offense) < consumed + refused, (text[:consumed], offense)
 
 
-def test_device_candidates_equal_host_reference(tok, grammar):
+@pytest.mark.parametrize("compact", [True, False])
+def test_device_candidates_equal_host_reference(tok, compact):
     """`candidates` (jnp, batched) = HostConstraint.step (Python, brute-force number bounds) in
     states reached by random valid walks, at random budgets."""
+    grammar = compile_grammar(tok, max_chars=MAX_CHARS, compact=compact)
     rng = np.random.default_rng(2)
     g = grammar.device()
     fn = jax.jit(constrained.candidates)
