@@ -289,6 +289,26 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
 
 
+def test_benchmark_with_cached_vision_tokens_times_the_step_training_runs(capsys):
+    """With data.cache_vision_tokens the benchmarked step reads the frozen tower's output, as a cached
+    training run's does: the same losses as the step from pixels (same batch, same init), and model
+    FLOPs without the tower. The settings the cache needs are checked as training checks them."""
+    frozen = ["train.compute_dtype=float32", "optim.lr_vision=0", "optim.lr_merger=0", "data.cache_in_memory=true"]
+    sizes = dict(seq=400, frames=4, res=112, objects=2, object_cells=3, batch=2, steps=2, warmup=1)
+    pixels = bench.bench(config_lib.load("tiny", frozen), **sizes)
+    cached = bench.bench(config_lib.load("tiny", [*frozen, "data.cache_vision_tokens=true"]), **sizes)
+    assert cached["cached_vision_tokens"] and not pixels["cached_vision_tokens"]
+    assert cached["loss"] == pytest.approx(pixels["loss"], rel=1e-5)
+    parts = cached["model_flops_by_part"]
+    assert parts["vision_weights"] == parts["vision_attention"] == parts["vision_merger"] == 0
+    assert pixels["model_flops_by_part"]["vision_weights"] > 0
+    assert cached["model_flops_per_step"] < pixels["model_flops_per_step"]
+    argv = ["--config", "tiny", "--seq", "400", "--frames", "4", "--res", "112", "data.cache_in_memory=true",
+            "data.cache_vision_tokens=true"]
+    assert bench.main(argv) == 2
+    assert "cache_vision_tokens needs" in capsys.readouterr().err
+
+
 def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, capsys):
     """`bench --lm-step-only` skips the whole step: the report has the decoder's step, its MFU over the
     decoder's FLOPs, its ratio to the baseline's language model and (--profile) its trace's summary, and

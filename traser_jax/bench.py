@@ -11,7 +11,10 @@ prompt and object blocks, then random answer tokens up to exactly `--seq` langua
 tokens (all carrying loss). Shape buckets are set to these exact sizes, so nothing is
 padding. The step is `train.Trainer.step` (one jitted, sharded step over the config's
 mesh, state donated), timed after `--warmup` steps; the median over `--steps` is
-reported. The frozen vision tower's forward alone is timed too (frames/s).
+reported. The frozen vision tower's forward alone is timed too (frames/s). With
+`data.cache_vision_tokens=true` (and the tower and merger frozen, as training needs) the step
+reads the tower's output tokens computed before timing, as a cached training run's step does,
+and the model FLOPs leave the tower out.
 
 Model FLOPs per step (what the model needs, not what the implementation spends):
 - decoder, as MaxText's `calculate_tflops_training_per_device`
@@ -127,12 +130,15 @@ def vision_flops(cfg: Config, grid: tuple[int, int, int]) -> dict[str, int]:
 
 def model_flops(cfg: Config, *, seq: int, batch: int, grid: tuple[int, int, int], selected: int, objects: int,
                 windows: int) -> dict[str, int]:
-    """Model FLOPs of one train step of `batch` videos alike, by part, and their 'total'."""
+    """Model FLOPs of one train step of `batch` videos alike, by part, and their 'total' (no tower
+    with data.cache_vision_tokens: the step reads its cached output)."""
     train_x = lambda lr: 3 if lr > 0 else 1  # noqa: E731 - fwd only when frozen
     dec = decoder_flops(cfg, seq, batch)
     otr, twr = resampler_flops(cfg, selected, objects), resampler_flops(cfg, selected, windows)
     vis = vision_flops(cfg, grid)
     r_x, v_x, m_x = train_x(cfg.optim.lr_resampler), train_x(cfg.optim.lr_vision), train_x(cfg.optim.lr_merger)
+    if cfg.data.cache_vision_tokens:
+        v_x = m_x = 0
     out = {
         "decoder_weights": dec["weights"], "decoder_attention": dec["attention"],
         "resampler_weights": batch * r_x * (otr["weights"] + twr["weights"]),
@@ -509,13 +515,20 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
           steps: int, warmup: int, seed: int = 0, breakdown: bool = False,
           profile_dir: Path | None = None) -> dict[str, Any]:
     """Measure and return the report (one JSON object)."""
+    from traser_jax import data as data_lib
     from traser_jax import optim
     from traser_jax.train import Trainer
 
+    data_lib.check_vision_cache(cfg)
     batch_np, sizes = synthetic_batch(cfg, seq=seq, frames=frames, res=res, objects=objects,
                                       object_cells=object_cells, batch=batch, seed=seed)
+    pixels = batch_np["pixel_values"]
     trainer = Trainer(cfg)
     state = trainer.init_state(seed)
+    if cfg.data.cache_vision_tokens:  # the tower's tokens in place of the pixels, as train.run feeds them
+        encode = trainer.video_encoder(state)
+        batch_np = {k: v for k, v in batch_np.items() if k != "pixel_values"}
+        batch_np["video_tokens"] = np.stack([encode(p, g) for p, g in zip(pixels, batch_np["grid_thw"])])
     times, state, metrics, run_step = time_train_step(trainer, state, batch_np, warmup, steps)
     step_s = statistics.median(times)
     grid = tuple(int(x) for x in sizes["grid"])
@@ -524,10 +537,10 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     devices = jax.devices()
     peak, peak_source = peak_flops(devices[0])
     params = optim.merge(state["params"], state["frozen"])
-    vision_s = time_vision_forward(cfg, params, batch_np["pixel_values"][0], grid, steps)
+    vision_s = time_vision_forward(cfg, params, pixels[0], grid, steps)
     report = {
         **run_facts(cfg, batch=batch, seq=seq, num_devices=len(devices)), "device_kind": devices[0].device_kind,
-        "frames": frames, "res": res, "objects": objects,
+        "frames": frames, "res": res, "objects": objects, "cached_vision_tokens": cfg.data.cache_vision_tokens,
         "selected_tokens": sizes["selected"], "windows": sizes["windows"], "answer_tokens": sizes["answer_tokens"],
         "steps": steps, "step_s": round(step_s, 5), "step_s_all": [round(t, 5) for t in times],
         "tokens_per_s": round(batch * seq / step_s, 1),
