@@ -36,7 +36,8 @@ def random_payload(rng: random.Random, k: int, d: int) -> dict:
         for _ in range(rng.randint(1, 3)):
             a = rng.randint(0, d)
             spans.append([a, rng.randint(a, d)])
-        subject, predicate, other = rng.randint(1, k), rng.choice(["next to", "riding", "looking at"]), rng.randint(1, k)
+        subject, predicate = rng.randint(1, k), rng.choice(["next to", "riding", "looking at"])
+        other = rng.randint(1, k)  # never the subject: the camera instead
         rels.append([subject, predicate, rng.choice([-1, other if other != subject else -1]), spans])
     return {"objects": objects, "relationships": rels}
 

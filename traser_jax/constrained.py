@@ -457,7 +457,8 @@ class Grammar:
         return DeviceGrammar(
             table=i32(self.table), token_class=i32(self.token_class), class_digit=i32(self.class_digit),
             field=i32(self.field), nonempty=jnp.asarray(self.nonempty), pending=i32(self.pending),
-            owes_object=jnp.asarray(self.owes_object), in_string=jnp.asarray(self.in_string), base=i32(self.base), dist_object=i32(self.dist_object),
+            owes_object=jnp.asarray(self.owes_object), in_string=jnp.asarray(self.in_string), base=i32(self.base),
+            dist_object=i32(self.dist_object),
             dist_open=i32(self.dist_open), start=i32(self.start), final=i32(self.final),
             max_chars=i32(self.max_chars), cycle=i32(self.cycle), base_after_object=i32(self.base[self.after_object]))
 
@@ -514,7 +515,8 @@ def compile_tokens(token_bytes: Sequence[bytes | None], end_id: int, max_chars: 
     return Grammar(
         table=table, token_class=token_class, digit_value=digit_value, class_digit=class_digit,
         field=np.asarray(m.field, np.int32), nonempty=np.asarray(m.nonempty), pending=np.asarray(m.pending, np.int32),
-        owes_object=np.asarray(m.owes_object), in_string=in_string, string_start=string_start, base=base, dist_object=dist_object, dist_open=dist_open,
+        owes_object=np.asarray(m.owes_object), in_string=in_string, string_start=string_start, base=base,
+        dist_object=dist_object, dist_open=dist_open,
         start=sk.start, final=sk.final, done=sk.done, after_object=sk.after_object, end_id=end_id,
         max_chars=max_chars, compact=compact, cycle=int(dist_open[sk.after_object]), names=list(m.names))
 
