@@ -141,7 +141,7 @@ REL = OBJ1 + '],"relationships":[[1,"r",-1,['
     (OBJ1 + '],"relationships":[[1,"r",-2', 1, 5, "2"),  # only -1 is negative
     (OBJ1 + '],"relationships":[[1,"r",1', 1, 5, "1"),  # an object related to itself
     ('{"objects":[{"object 1":"a","attributes":[]},{"object 2":"b","attributes":[]}],"relationships":[[2,"r",2',
-     2, 5, "2"),
+     2, 5, "2"),  # the same with two objects
     (REL + "]", 1, 5, "]"),  # a relation without spans
     (REL + "[3,2", 1, 5, "2"),  # end < start
     (REL + "[3,6", 1, 5, "6"),  # end > D
