@@ -30,16 +30,20 @@ SPLITS = (("train", 512, 0), ("eval", 16, 1))
 # The tower's crop pretraining: the training split's objects and 16,000 of the toyworld object catalog's.
 PRETRAIN = ["--steps", "600", "--jitter", "0.125", "--catalog", "16000", *(a for k in KNOBS for a in ("--knob", k))]
 VISION, STAGE1, MODEL = RUN / "vision", RUN / "attributes", RUN / "scene_graph"
-# Stage 1 answers objects with attributes only: short sequences (one 384-token bucket) whose loss is
-# mostly grounding. Stage 2 starts from its weights and tokenizer and asks mostly for scene graphs.
+# Stage 1 answers objects with attributes only: short sequences (one 320-token bucket; the training
+# split's longest is 287) whose loss is mostly grounding. Stage 2 starts from its weights and tokenizer
+# and asks mostly for scene graphs: sequences of 243 tokens at the median and 560 at most; a batch of 8
+# pads to its longest, which fits 448 tokens in about 3 batches of 4 (a second compilation, and a
+# step about a quarter shorter than at one 640 bucket).
 # Both keep the pretrained tower frozen with its merger, as the published recipe freezes its tower: the
 # tower's output tokens are computed once per video and cached (data.cache_vision_tokens).
 FROZEN_TOWER = ["optim.lr_vision=0", "optim.lr_merger=0", "data.cache_vision_tokens=true"]
 STAGES = (
-    (STAGE1, ["data.task_mix={attributes: 1.0}", "optim.num_steps=400", "tokens.bucket_length=[384]",
+    (STAGE1, ["data.task_mix={attributes: 1.0}", "optim.num_steps=400", "tokens.bucket_length=[320]",
               f"train.init_from={VISION}", *FROZEN_TOWER]),
     (MODEL, ["data.task_mix={scene_graph: 0.7, attributes: 0.3}", "optim.num_steps=250",
-             f"train.init_from={STAGE1}", f"data.tokenizer={STAGE1 / 'tokenizer.json'}", *FROZEN_TOWER]),
+             "tokens.bucket_length=[448, 576]", f"train.init_from={STAGE1}",
+             f"data.tokenizer={STAGE1 / 'tokenizer.json'}", *FROZEN_TOWER]),
 )
 
 

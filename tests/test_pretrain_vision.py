@@ -115,6 +115,20 @@ def test_catalog_crops_alone_or_with_the_shards_train_the_tower(shards, tmp_path
     assert both["train_crops"] == len(shard_crops.names) + len(items) and both["names"] == names
 
 
+def test_catalog_crops_made_in_worker_processes_are_the_same_crops_in_the_same_order(monkeypatch):
+    """catalog_crops hands chunks of the catalog to `data.worker_count` grain processes; the crops and
+    labels equal those made in this process, in index order."""
+    from data_gen.toyworld import COLORS, SHAPES, SIZES, TEXTURES
+
+    monkeypatch.setattr(pretrain_vision, "CATALOG_CHUNK", 4)  # 11 crops: three chunks, the last short
+    names, attributes = sorted(SHAPES), sorted([*COLORS, *SIZES, *TEXTURES])
+    made = [pretrain_vision.catalog_crops(config_lib.load("tiny", [*OVERRIDES, f"data.worker_count={workers}"]), 56,
+                                          11, 7, 0.125, names, attributes, {"max_side": 280}) for workers in (0, 2)]
+    assert 0 < len(made[0].names) <= 11
+    for field in ("pixel_values", "names", "attributes", "boxes"):
+        np.testing.assert_array_equal(getattr(made[0], field), getattr(made[1], field))
+
+
 def test_cli_refuses_no_crops_and_a_bad_knob(tmp_path, capsys):
     out = ["--out", str(tmp_path / "v"), *OVERRIDES]
     assert pretrain_vision.main(["tiny", *out]) == 2

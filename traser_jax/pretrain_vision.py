@@ -33,7 +33,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,10 +42,13 @@ import numpy as np
 import optax
 
 from traser_jax import config as config_lib
-from traser_jax.config import Config
+from traser_jax.config import Config, VisionConfig
 from traser_jax.modules.layers import dtype_of
 from traser_jax.modules.vision import VisionTower
 from traser_jax.video_input import normalize, patchify, resize_frames, resized_size
+
+if TYPE_CHECKING:
+    from data_gen.toyworld import ToyworldConfig
 
 REPORT_NAME = "pretrain_vision.json"  # written last: its presence means the stage finished
 
@@ -58,30 +61,66 @@ class Crops:
     boxes: np.ndarray  # int [N, 4]: (video index in the shards, first frame, y0, x0) of each crop
 
 
+CATALOG_CHUNK = 250  # catalog crops a worker makes per task
+
+
+@dataclass(frozen=True)
+class CatalogChunk:
+    """Catalog crops `start`..`start + chunk - 1` (up to `count`), hidden objects dropped, as
+    (patchified pixels [n, patches, patch dim], [(name, attributes)] * n): one task of a grain worker."""
+    vision: VisionConfig
+    toyworld: ToyworldConfig
+    crop: int
+    count: int
+    seed: int
+    jitter: float
+    frame_size: tuple[int, int]
+    chunk: int  # crops per task (CATALOG_CHUNK)
+
+    def __call__(self, start: int) -> tuple[np.ndarray, list[tuple[str, list[str]]]]:
+        from data_gen.toyworld.catalog import catalog_crop
+
+        pixels, objects, v = [], [], self.vision
+        for index in range(start, min(start + self.chunk, self.count)):
+            item = catalog_crop(self.seed, index, self.crop, self.frame_size, self.jitter, config=self.toyworld)
+            if item.mask.any():
+                window = normalize(resize_frames(item.frames, self.crop, self.crop))
+                pixels.append(patchify(window, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)[0])
+                objects.append((item.name, item.attributes))
+        if not pixels:  # every object of the chunk hidden
+            patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+            return np.zeros((0, (self.crop // v.patch_size) ** 2, patch_dim), np.float32), objects
+        return np.stack(pixels), objects
+
+
 def catalog_crops(cfg: Config, crop: int, count: int, seed: int, jitter: float, names: list[str],
                   attributes: list[str], knobs: dict | None = None) -> Crops:
     """`count` crops of the toyworld object catalog (data_gen.toyworld.catalog, catalog `seed`, frame
     sides from the toyworld `knobs`), resized to crop x crop as `object_crops` sees the frames; crops
-    whose object is hidden are dropped. Labels index `names` and `attributes`."""
+    whose object is hidden are dropped. Labels index `names` and `attributes`. Made in
+    `data.worker_count` processes, in index order: the same crops for any worker count."""
+    import grain
     from tqdm import tqdm
 
     from data_gen.toyworld import ToyworldConfig
-    from data_gen.toyworld.catalog import catalog_crop
+    from traser_jax.data import in_workers
 
-    vision, toyworld = cfg.vision, ToyworldConfig.from_knobs(**(knobs or {}))
     if len(cfg.tokens.frame_size) != 2:
         raise ValueError("--catalog needs tokens.frame_size (the frame size the crops are cut from)")
     frame_size = (int(cfg.tokens.frame_size[0]), int(cfg.tokens.frame_size[1]))
+    make = CatalogChunk(cfg.vision, ToyworldConfig.from_knobs(**(knobs or {})), crop, count, seed, jitter, frame_size,
+                        CATALOG_CHUNK)
+    starts = range(0, count, make.chunk)
+    workers = cfg.data.worker_count if len(starts) > 1 else 0  # one chunk: not worth starting processes
     pixels, crop_objects = [], []  # crop_objects: (name, attributes) of each crop's object
-    for index in tqdm(range(count), desc="object catalog", unit="crop", file=sys.stderr, mininterval=2):
-        item = catalog_crop(seed, index, crop, frame_size, jitter, config=toyworld)
-        if not item.mask.any():
-            continue
-        window = normalize(resize_frames(item.frames, crop, crop))
-        pixels.append(patchify(window, vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)[0])
-        crop_objects.append((item.name, item.attributes))
+    chunks = in_workers(grain.MapDataset.source(starts).map(make), workers)
+    with tqdm(total=count, desc="object catalog", unit="crop", file=sys.stderr, mininterval=2) as bar:
+        for start, (chunk_pixels, chunk_objects) in zip(starts, chunks):
+            pixels.append(np.array(chunk_pixels))  # a copy: the worker's output may live in shared memory
+            crop_objects += chunk_objects
+            bar.update(min(make.chunk, count - start))
     boxes = np.full((len(crop_objects), 4), -1)  # not cut from a shard video
-    return Crops(np.stack(pixels), *label_rows(crop_objects, names, attributes), boxes)
+    return Crops(np.concatenate(pixels), *label_rows(crop_objects, names, attributes), boxes)
 
 
 def label_rows(crop_objects: list[tuple[str, list[str]]], names: list[str], attributes: list[str]
