@@ -169,6 +169,9 @@ class TrainConfig:
     eval_every: int = 0
     max_new_tokens: int = 1024
     repetition_penalty: float = 1.05
+    # Constrained decoding refuses a relation (subject, predicate, object) a video's output already holds, unless
+    # nothing else is left to write (traser_jax.constrained, "no relation twice"). The release decodes without it.
+    no_repeat_relations: bool = False
 
 
 @dataclass

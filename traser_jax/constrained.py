@@ -58,7 +58,9 @@ digits and objects the registers still require). It is exact for that strategy a
 drops by one along it, so allowing a token only when upper_bound(next) <= tokens
 left - 1 keeps a valid close always reachable. With K = 1 a relation's object can only be the
 camera, "-1", a token more than a digit: the states of a relation before its object
-(`owes_object`) count it. Every row's budget must cover
+(`owes_object`) count it. A span's end is at least its start, so a start being written owes
+the end the start's extra digits too (before 2026-11-26 it did not: a start of 10 or more written
+with the budget nearly spent could leave the end no room). Every row's budget must cover
 `min_new_tokens(K)` (that strategy from the start), checked on the host.
 
 Memory: table S x C int32 plus token_class [V] int32. Tokens that act alike in
@@ -121,6 +123,7 @@ class _CharMachine:
         self.nonempty: list[bool] = []  # a number state with at least one digit
         self.pending: list[int] = []  # number field whose digits are still owed (its empty state and the way to it)
         self.owes_object: list[bool] = []  # a relation's states before its object id is written
+        self.object_decided: list[bool] = []  # a relation's states one token reaches once its object id is decided
         self.edges: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     def state(self, name: str, *, in_string=False, string_start=False, field=-1, nonempty=False,
@@ -132,6 +135,7 @@ class _CharMachine:
         self.nonempty.append(nonempty)
         self.pending.append(field if (field >= 0 and not nonempty) else pending)
         self.owes_object.append(False)
+        self.object_decided.append(False)
         return len(self.names) - 1
 
     def edge(self, src: int, chars: bytes | str, dst: int, event: int = 0, add: int = 0) -> None:
@@ -242,6 +246,10 @@ def _build_machine(compact: bool) -> _Skeleton:
     spans_open = m.lit(obj_comma, item[1:] + "[")
     sa_empty, sa_full = m.number(SPAN_START)
     m.edge(spans_open, "[", sa_empty)
+    # The camera's "-" decides the object (only "1" follows); one token from an object id reaches at most the
+    # first digit of its spans.
+    for s in [camera - 1, camera, obj_comma, *range(obj_comma + 1, sa_empty + 1)]:
+        m.object_decided[s] = True
     sb_empty, sb_full = m.number(SPAN_END)
     _exit_then(m, sa_full, item, "", end=sb_empty, pending=SPAN_END)
     span_closed = m.state("span]")
@@ -417,6 +425,7 @@ class Grammar:
     nonempty: np.ndarray  # [S] a number state holding a digit
     pending: np.ndarray  # [S] number field still owed on the way (empty number states included)
     owes_object: np.ndarray  # [S] a relation's states before its object id
+    object_decided: np.ndarray  # [S] a relation's states one token reaches once its object id is decided
     in_string: np.ndarray  # [S]
     string_start: np.ndarray  # [S]
     base: np.ndarray  # [S] tokens to the end, opening no object
@@ -457,7 +466,8 @@ class Grammar:
         return DeviceGrammar(
             table=i32(self.table), token_class=i32(self.token_class), class_digit=i32(self.class_digit),
             field=i32(self.field), nonempty=jnp.asarray(self.nonempty), pending=i32(self.pending),
-            owes_object=jnp.asarray(self.owes_object), in_string=jnp.asarray(self.in_string), base=i32(self.base),
+            owes_object=jnp.asarray(self.owes_object), object_decided=jnp.asarray(self.object_decided),
+            in_string=jnp.asarray(self.in_string), base=i32(self.base),
             dist_object=i32(self.dist_object),
             dist_open=i32(self.dist_open), start=i32(self.start), final=i32(self.final),
             max_chars=i32(self.max_chars), cycle=i32(self.cycle), base_after_object=i32(self.base[self.after_object]))
@@ -515,7 +525,8 @@ def compile_tokens(token_bytes: Sequence[bytes | None], end_id: int, max_chars: 
     return Grammar(
         table=table, token_class=token_class, digit_value=digit_value, class_digit=class_digit,
         field=np.asarray(m.field, np.int32), nonempty=np.asarray(m.nonempty), pending=np.asarray(m.pending, np.int32),
-        owes_object=np.asarray(m.owes_object), in_string=in_string, string_start=string_start, base=base,
+        owes_object=np.asarray(m.owes_object), object_decided=np.asarray(m.object_decided), in_string=in_string,
+        string_start=string_start, base=base,
         dist_object=dist_object, dist_open=dist_open,
         start=sk.start, final=sk.final, done=sk.done, after_object=sk.after_object, end_id=end_id,
         max_chars=max_chars, compact=compact, cycle=int(dist_open[sk.after_object]), names=list(m.names))
@@ -555,6 +566,7 @@ class DeviceGrammar(NamedTuple):
     nonempty: jax.Array  # [S]
     pending: jax.Array  # [S]
     owes_object: jax.Array  # [S]
+    object_decided: jax.Array  # [S]
     in_string: jax.Array  # [S]
     base: jax.Array  # [S]
     dist_object: jax.Array  # [S]
@@ -629,7 +641,10 @@ def upper_bound(g: DeviceGrammar, state, num, span_start, objects, subject, num_
     lo, hi = _bounds(field, objects, span_start, num_objects, max_second)
     owed = jnp.where(lo <= hi, _ndigits(lo) - 1, INF)
     excluded = jnp.where(field == OBJECT, subject, -1)  # never a relation's own subject
-    extra = jnp.where(nonempty, _digits_to_finish(num, lo, hi, excluded), jnp.where(field >= 0, owed, 0))
+    finish = _digits_to_finish(num, lo, hi, excluded)
+    extra = jnp.where(nonempty, finish, jnp.where(field >= 0, owed, 0))
+    # A span's end is at least its start: finishing a start of n digits owes the end n - 1 digits past its first.
+    extra += jnp.where(nonempty & (field == SPAN_START) & (finish < INF), _ndigits(num) + finish - 1, 0)
     extra += (g.owes_object[state] & (num_objects == 1)).astype(jnp.int32)  # the camera's "-1"
     return jnp.minimum(jnp.minimum(core, INF) + extra, INF)
 
@@ -696,6 +711,78 @@ def take(g: DeviceGrammar, after: MachineState, tokens: jax.Array) -> MachineSta
     return MachineState(*(jnp.take_along_axis(x, cls, axis=1)[:, 0] for x in after))
 
 
+# -- no relation twice -------------------------------------------------------------------------
+# A relation's head is its subject, predicate and object id: the generated tokens from the subject's first
+# digit through the token that decides the object id (its last digit, or the camera's "-"). Decoding may refuse the token that would close a head equal,
+# token for token, to one already written, so a scene graph never lists the same relation twice (a small
+# model otherwise loops on one). It never refuses a row's last allowed token: a repeat is written then, and
+# the output stays valid. Heads compare as token sequences: the same text tokenized otherwise is not caught
+# (greedy decoding writes a text the same way each time).
+
+HEAD_TOKENS = 32  # longer heads (a predicate of about 25 tokens or more) are never compared
+
+
+class RelationMemory(NamedTuple):
+    """Per row, the relation heads written so far, as spans of the generated tokens."""
+    start: jax.Array  # [B] where the open head starts, -1 when none is open
+    head_start: jax.Array  # [B, R]
+    head_len: jax.Array  # [B, R]
+    count: jax.Array  # [B] heads stored (at most R)
+
+
+def relation_memory(batch: int, max_new_tokens: int) -> RelationMemory:
+    slots = max_new_tokens // 5 + 1  # a relation takes at least 5 tokens: 3 numbers, a predicate, an object id
+    z = jnp.zeros((batch,), jnp.int32)
+    return RelationMemory(z - 1, jnp.zeros((batch, slots), jnp.int32), jnp.zeros((batch, slots), jnp.int32), z)
+
+
+def closes_head(g: DeviceGrammar, memory: RelationMemory, after: MachineState, num_objects) -> jax.Array:
+    """bool [B, C]: the classes that close the open head: they decide the object id (the camera's "-", a digit no
+    id goes on from) or pass it."""
+    state = after.state
+    last_digit = (g.field[state] == OBJECT) & g.nonempty[state] & (after.num * 10 > num_objects[:, None])
+    return (memory.start[:, None] >= 0) & (g.object_decided[state] | last_digit)
+
+
+def repeated_heads(g: DeviceGrammar, memory: RelationMemory, tokens: jax.Array, i, closes: jax.Array) -> jax.Array:
+    """bool [B, C]: the classes that would close the open head as a copy of a stored one.
+
+    tokens: [B, T] generated so far (positions < i); closes: `closes_head`."""
+    b, slots = memory.head_start.shape
+    rows, j, last = jnp.arange(b), jnp.arange(HEAD_TOKENS), tokens.shape[1] - 1
+    length = i - memory.start  # tokens of the open head so far
+    current = jnp.take_along_axis(tokens, jnp.clip(memory.start[:, None] + j, 0, last), axis=1)  # [B, H]
+    stored = tokens[rows[:, None, None], jnp.clip(memory.head_start[:, :, None] + j, 0, last)]  # [B, R, H]
+    same = jnp.all((stored == current[:, None]) | (j >= length[:, None, None]), axis=-1)
+    match = (same & (memory.head_len == length[:, None] + 1) & (memory.head_len <= HEAD_TOKENS)
+             & (jnp.arange(slots) < memory.count[:, None]) & (memory.start[:, None] >= 0))
+    closing = tokens[rows[:, None], jnp.clip(memory.head_start + length[:, None], 0, last)]  # each copy's last token
+    banned = jnp.zeros(closes.shape, jnp.int32).at[rows[:, None], g.token_class[closing]].max(match.astype(jnp.int32))
+    return closes & (banned > 0)
+
+
+def without(allowed: jax.Array, banned: jax.Array) -> jax.Array:
+    """`allowed` less `banned`, except in rows where that leaves nothing."""
+    kept = allowed & ~banned
+    return jnp.where(kept.any(axis=-1, keepdims=True), kept, allowed)
+
+
+def remember(g: DeviceGrammar, memory: RelationMemory, before: jax.Array, closed: jax.Array, i,
+             active: jax.Array) -> RelationMemory:
+    """The memory after step i's tokens: a subject's first digit (taken in the subject's empty state, which
+    allows digits only) opens a head; a token that `closed` it stores it. before: [B] states before the step."""
+    b, slots = memory.head_start.shape
+    rows = jnp.arange(b)
+    opens = active & (g.field[before] == SUBJECT) & ~g.nonempty[before]
+    store = active & closed & (memory.count < slots)
+    slot = jnp.minimum(memory.count, slots - 1)
+    put = lambda table, value: table.at[rows, slot].set(jnp.where(store, value, table[rows, slot]))  # noqa: E731
+    return RelationMemory(
+        start=jnp.where(opens, i, jnp.where(active & closed, -1, memory.start)),
+        head_start=put(memory.head_start, memory.start), head_len=put(memory.head_len, i + 1 - memory.start),
+        count=memory.count + store)
+
+
 # -- host reference ----------------------------------------------------------------------------
 
 class HostConstraint:
@@ -738,8 +825,10 @@ class HostConstraint:
         else:
             core = int(g.dist_open[state]) + len(str(objects + 1)) - 1 + more(objects + 2) + int(g.base[g.after_object])
         if g.nonempty[state]:
-            extra = self._digits_to_finish(str(num), self._range(int(g.field[state]), span_start, objects,
-                                                                 subject))
+            values = self._range(int(g.field[state]), span_start, objects, subject)
+            extra = self._digits_to_finish(str(num), values)
+            if g.field[state] == SPAN_START and extra < INF:  # the span's end: as many digits as its start
+                extra += min(len(str(v)) for v in values if str(v).startswith(str(num))) - 1
         elif g.pending[state] >= 0:
             values = self._range(int(g.pending[state]), span_start, objects, subject)
             if values:

@@ -25,7 +25,9 @@ output is constrained while decoding (`traser_jax.constrained`): always valid TR
 JSON, objects numbered 1..K where K is the number of objects in the model input
 (`TraserInputs.num_objects`; past the 40-object or token cap the trailing objects
 have no block, and `tokens.kept_record` numbers the rest as the model saw them),
-subjects and objects in 1..K (or -1, the camera), spans within [0, floor(duration)].
+subjects and objects in 1..K (or -1, the camera), spans within [0, floor(duration)];
+with `train.no_repeat_relations=true`, no relation (subject, predicate, object) twice while
+another object id is left for its subject and predicate.
 The last batch of a frame size is padded with copies so every batch has one shape.
 
 Each output line: the TRASER output JSON plus "video_id", in the order batches
@@ -234,7 +236,8 @@ class Predictor:
             out = decode.greedy_decode(self._step, self._make_prefill(statics, length), self.params, device_batch,
                                        jnp.asarray(first, jnp.int32), constraint, self.max_new_tokens,
                                        end_id=self.tokenizer.special.im_end,
-                                       repetition_penalty=self.cfg.train.repetition_penalty)
+                                       repetition_penalty=self.cfg.train.repetition_penalty,
+                                       no_repeat_relations=self.cfg.train.no_repeat_relations)
         finished = np.asarray(out.finished)
         if not finished.all():  # the grammar closes every row within the budget: a bug if not
             raise RuntimeError(f"decoding did not finish for videos "
