@@ -4,7 +4,8 @@ From random weights (random logits), with a token-budget per row down to the
 shortest valid output, the jitted batched decoder must always close the JSON;
 the same decoder without the constraint must not; and the jitted decoder must
 equal a step-by-step host reference of the same machine (HostConstraint), with
-a logits table and with the real Qwen2.5 decoder (modules/text.py) and its KV cache.
+a logits table and with the real Qwen2.5 decoder (modules/text.py) and its KV cache;
+with `no_repeat_relations` too, and then a loopy logits table repeats far fewer relations.
 """
 import json
 import random
@@ -222,15 +223,16 @@ def table_model(vocab: int, batch: int, seed: int = 0, position_scale: float = 3
 
 def host_greedy(grammar, k, d, budget, logits_fn, penalty=1.05, no_repeat=False):
     """The reference: one token at a time, numpy logits, HostConstraint mask, HF repetition penalty; with
-    `no_repeat`, a token closing a relation head (subject digit .. object id's end) as a copy of an earlier one
-    (the same tokens before it, a closing token of the same class) is refused unless nothing else is allowed."""
+    `no_repeat`, a token closing a relation head (subject's first digit .. the token deciding the object id) as a
+    copy of an earlier one (the same tokens before it, a closing token of the same class) is refused unless
+    nothing else is allowed."""
     machine = HostConstraint(grammar, k, d)
     out: list[int] = []
     heads: list[tuple[int, ...]] = []
     start = -1  # where the open head starts in `out`
     slots = MAX_NEW // 5 + 1
 
-    def closes(token):  # the machine after `token` is past the object id, or at a last digit
+    def closes(token):  # `token` decides the object id (the camera's "-", a last digit) or passes it
         nxt = machine.step(token, INF_BUDGET)
         state, num = nxt[0], nxt[1]
         last_digit = grammar.field[state] == constrained.OBJECT and grammar.nonempty[state] and num * 10 > k
@@ -273,9 +275,10 @@ def repeated_relations(text: str, k: int | None = None) -> int:
     triples = [tuple(r[:3]) for r in json.loads(text)["relationships"]]
     count = 0
     for n, (s, p, o) in enumerate(triples):
-        if (s, p, o) in triples[:n]:
-            free = {*range(1, k + 1), -1} - {s} - {x for s2, p2, x in triples[:n] if (s2, p2) == (s, p)} if k else {0}
-            count += bool(free)
+        if (s, p, o) not in triples[:n]:
+            continue
+        used = {x for s2, p2, x in triples[:n] if (s2, p2) == (s, p)}
+        count += k is None or bool({*range(1, k + 1), -1} - {s} - used)
     return count
 
 

@@ -169,8 +169,9 @@ class TrainConfig:
     eval_every: int = 0
     max_new_tokens: int = 1024
     repetition_penalty: float = 1.05
-    # Constrained decoding refuses a relation (subject, predicate, object) a video's output already holds, unless
-    # nothing else is left to write (traser_jax.constrained, "no relation twice"). The release decodes without it.
+    # Constrained decoding refuses a relation (subject, predicate, object) a video's output already holds while
+    # another object id is free for its subject and predicate (traser_jax.constrained, "no relation twice").
+    # The release decodes without it.
     no_repeat_relations: bool = False
 
 

@@ -713,11 +713,12 @@ def take(g: DeviceGrammar, after: MachineState, tokens: jax.Array) -> MachineSta
 
 # -- no relation twice -------------------------------------------------------------------------
 # A relation's head is its subject, predicate and object id: the generated tokens from the subject's first
-# digit through the token that decides the object id (its last digit, or the camera's "-"). Decoding may refuse the token that would close a head equal,
-# token for token, to one already written, so a scene graph never lists the same relation twice (a small
-# model otherwise loops on one). It never refuses a row's last allowed token: a repeat is written then, and
-# the output stays valid. Heads compare as token sequences: the same text tokenized otherwise is not caught
-# (greedy decoding writes a text the same way each time).
+# digit through the token that decides the object id (its last digit, or the camera's "-"). Decoding may refuse
+# the tokens that would close a head equal, token for token, to one the row has written (a small model loops on
+# a relation otherwise). It never refuses a row's last allowed tokens: once a subject and predicate are written
+# whose every object id the row has used, the repeat is written, and the output stays valid. Heads compare as
+# token sequences: the same text tokenized otherwise is not caught (greedy decoding mostly writes a text the
+# same way each time; on the demo's held-out videos no repeat got through with another object id free).
 
 HEAD_TOKENS = 32  # longer heads (a predicate of about 25 tokens or more) are never compared
 
