@@ -207,6 +207,8 @@ def test_benchmark_batch_has_exactly_the_requested_sizes():
         bench.synthetic_batch(config_lib.load("tiny"), seq=50, frames=6, res=112, objects=2, object_cells=3, batch=1)
 
 
+# slow: 91 s on the 2-core machine (session 11), two forward + backward compilations of the whole model
+@pytest.mark.slow
 def test_grounding_report_tells_a_reading_model_from_a_collapsed_one(setup, capsys):
     """`python -m traser_jax.grounding`: at init the answer loss depends on the pixels, the first
     object's latents differ between videos and every group gets gradient; with the resamplers'
@@ -250,6 +252,8 @@ def write_baseline_stand_in(script):
     return script
 
 
+# slow: 106 s on the 2-core machine (session 11); the other bench tests run the CLI and bench() in CI
+@pytest.mark.slow
 def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_path, capsys):
     """`python -m traser_jax.bench` end to end on the tiny config: tokens/s and MFU follow from the
     step time and the FLOP count, the breakdown times a forward and a backward, --profile leaves a
