@@ -7,6 +7,7 @@ matplotlib's Agg canvas (no display, no pyplot state); numpy only otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -55,9 +56,12 @@ def render_comparison(gt_record: Record, pred_record: Record, frames: np.ndarray
     the predicted ones (lower bar). Objects are aligned by id, as in TRASER's evaluation."""
     frames = _check_frames(gt_record, frames)
     gt = {_key(r): r for r in gt_record.relations}
-    pred = {_key(r): r for r in pred_record.relations}
+    pred = {}  # a triplet predicted more than once (a looping model) is one row with all its spans
+    for r in pred_record.relations:
+        first = pred.setdefault(_key(r), dataclasses.replace(r, spans=[]))
+        first.spans.extend(r.spans)
     keys = [k for k in (_key(r) for r in _ordered(gt_record.relations))]
-    keys += [k for k in (_key(r) for r in _ordered(pred_record.relations)) if k not in gt]
+    keys += [k for k in dict.fromkeys(_key(r) for r in _ordered(pred_record.relations)) if k not in gt]
     hits = sum(1 for k in gt if k in pred)
     fig, axes_frames, ax_objects, ax_time = _figure(
         gt_record, frames, n_rows=min(len(keys), MAX_ROWS), object_rows=len(gt_record.objects) + 1,
@@ -187,9 +191,10 @@ def _draw_object_comparison(ax, gt: Record, pred: Record) -> None:
 
 
 def _bars(ax, y: float, spans, color: str, height: float, duration: float) -> None:
-    # A point event (start == end) still gets a visible sliver.
+    # A point event (start == end) still gets a visible sliver, ending at the video's end at the latest.
     sliver = max(duration / 150.0, 0.08)
-    ax.broken_barh([(s, max(e - s, sliver)) for s, e in spans], (y - height / 2, height), facecolors=color)
+    ax.broken_barh([(min(s, duration - sliver) if e - s < sliver else s, max(e - s, sliver)) for s, e in spans],
+                   (y - height / 2, height), facecolors=color)
 
 
 def _finish_timeline(ax, record: Record, labels: list[str], extra: int) -> None:

@@ -105,3 +105,9 @@ def test_render_comparison_of_a_prediction(tmp_path):
     path = render_comparison(gt, pred, frames, tmp_path / "compare.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width == 1600 and np.asarray(image.convert("L")).std() > 10
+        height = image.height
+    # A looping model's repeats of one triplet share its row (the figure grows a row per triplet).
+    payload["relationships"] += [[1, "floating over", 2, [[k, k + 1]]] for k in range(2, 6)]
+    looped = render_comparison(gt, from_traser_json(payload, gt), frames, tmp_path / "looped.png")
+    with Image.open(looped) as image:
+        assert image.height == height
