@@ -293,6 +293,8 @@ def test_benchmark_cli_reports_the_step_its_parts_and_the_baseline_ratios(tmp_pa
     assert bench.main(argv[:-4] + ["--baseline", "--baseline-script", str(tmp_path / "missing.py")]) == 2
 
 
+# slow: 67 s on the 2-core machine (session 11); test_train's cached-token test checks the step's numbers in CI
+@pytest.mark.slow
 def test_benchmark_with_cached_vision_tokens_times_the_step_training_runs(capsys):
     """With data.cache_vision_tokens the benchmarked step reads the frozen tower's output, as a cached
     training run's does: the same losses as the step from pixels (same batch, same init), and model

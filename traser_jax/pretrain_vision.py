@@ -207,13 +207,14 @@ def crop_losses(name_logits, attr_logits, names, attributes):
     return name_loss, optax.sigmoid_binary_cross_entropy(attr_logits, attributes).sum(-1).mean()
 
 
-def scores(name_logits: np.ndarray, attr_logits: np.ndarray, crops: Crops) -> dict[str, float]:
-    """Name accuracy (over crops with a known name) and attribute recall at each crop's own k."""
-    known = crops.names >= 0
-    accuracy = float((name_logits.argmax(-1) == crops.names)[known].mean()) if known.any() else float("nan")
+def scores(name_logits: np.ndarray, attr_logits: np.ndarray, names: np.ndarray, attributes: np.ndarray
+           ) -> dict[str, float]:
+    """Name accuracy (over rows with a known name) and attribute recall at each row's own k (`label_rows`' labels)."""
+    known = names >= 0
+    accuracy = float((name_logits.argmax(-1) == names)[known].mean()) if known.any() else float("nan")
     ranks = np.argsort(-attr_logits, axis=-1)
     hits = total = 0
-    for row, truth in zip(ranks, crops.attributes):
+    for row, truth in zip(ranks, attributes):
         k = int(truth.sum())
         hits += int(truth[row[:k]].sum())
         total += k
@@ -276,7 +277,7 @@ def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, 
     def evaluate(p, crops: Crops) -> dict[str, float]:
         outs = [predict(p, crops.pixel_values[i:i + 512]) for i in range(0, len(crops.names), 512)]
         return scores(np.concatenate([np.asarray(o[0]) for o in outs]),
-                      np.concatenate([np.asarray(o[1]) for o in outs]), crops)
+                      np.concatenate([np.asarray(o[1]) for o in outs]), crops.names, crops.attributes)
 
     opt_state = tx.init(params)
     losses = []
