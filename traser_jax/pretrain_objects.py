@@ -28,14 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from traser_jax import config as config_lib
 from traser_jax import tokens as tokens_lib
 from traser_jax.config import Config
 from traser_jax.modules.layers import dtype_of
 from traser_jax.modules.resampler import PerceiverResampler
-from traser_jax.pretrain_vision import crop_losses, label_rows, scores
+from traser_jax.pretrain_vision import fit_heads, label_rows, score_heads
 
 REPORT_NAME = "pretrain_objects.json"  # written last: its presence means the stage finished
 
@@ -97,8 +96,6 @@ def pretrain(cfg: Config, init_dir: str | Path, train_dir: str | Path, out_dir: 
              seed: int = 0, progress: bool = True) -> dict:
     """Train `init_dir`'s OTR on the objects of train_dir (module doc); write the checkpoint and its report;
     return the report."""
-    from tqdm import tqdm
-
     from traser_jax.convert import load_checkpoint, save_checkpoint
 
     if steps < 1 or batch < 1:
@@ -119,37 +116,17 @@ def pretrain(cfg: Config, init_dir: str | Path, train_dir: str | Path, out_dir: 
     rng = np.random.default_rng(seed)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), tokens[:1], mask[:1])["params"])
     params["otr_resampler"] = full["otr_resampler"]  # the checkpoint's own OTR, trained from where it is
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
 
-    def loss_fn(p, tokens_, mask_, names_, attributes_):
-        name_loss, attr_loss = crop_losses(*model.apply({"params": p}, tokens_, mask_), names_, attributes_)
-        return name_loss + attr_loss
+    def apply(p, tokens_, mask_):
+        return model.apply({"params": p}, tokens_, mask_)
 
-    @jax.jit
-    def step(p, opt_state, tokens_, mask_, names_, attributes_):
-        loss, grads = jax.value_and_grad(loss_fn)(p, tokens_, mask_, names_, attributes_)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    predict = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m))
+    params, losses = fit_heads(params, apply, (tokens, mask), train_names, train_attributes, steps=steps,
+                               batch=batch, lr=lr, rng=rng, desc="pretrain objects", progress=progress)
+    predict = jax.jit(apply)
 
     def evaluate(p, tokens_, mask_, names_, attributes_) -> dict[str, float]:
-        outs = [predict(p, tokens_[i:i + 512], mask_[i:i + 512]) for i in range(0, len(names_), 512)]
-        return scores(np.concatenate([np.asarray(o[0]) for o in outs]),
-                      np.concatenate([np.asarray(o[1]) for o in outs]), names_, attributes_)
+        return score_heads(predict, p, (tokens_, mask_), names_, attributes_)
 
-    opt_state = tx.init(params)
-    losses = []
-    bar = tqdm(range(steps), desc="pretrain objects", disable=not progress, file=sys.stderr)
-    for _ in bar:
-        idx = rng.choice(len(train_names), size=batch, replace=len(train_names) < batch)
-        params, opt_state, loss = step(params, opt_state, tokens[idx], mask[idx], train_names[idx],
-                                       train_attributes[idx])
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if not np.isfinite(losses[-1]):
-        raise RuntimeError(f"pretrain_objects: the loss is {losses[-1]} after {steps} steps")
     report = {"steps": steps, "batch": batch, "lr": lr, "train_objects": len(train_names), "names": names,
               "attributes": attributes, "first_loss": losses[0], "final_loss": losses[-1],
               "train": evaluate(params, tokens, mask, train_names, train_attributes)}

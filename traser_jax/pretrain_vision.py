@@ -221,14 +221,54 @@ def scores(name_logits: np.ndarray, attr_logits: np.ndarray, names: np.ndarray, 
     return {"name_accuracy": accuracy, "attribute_recall": hits / total if total else float("nan")}
 
 
+def fit_heads(params: dict, apply, inputs: tuple[np.ndarray, ...], names: np.ndarray, attributes: np.ndarray, *,
+              steps: int, batch: int, lr: float, rng: np.random.Generator, desc: str, progress: bool = True
+              ) -> tuple[dict, list[float]]:
+    """(params, losses) after `steps` steps on `crop_losses` of apply(p, *rows) -> (name logits, attribute logits),
+    each step on `batch` random rows of `inputs` and their labels (`label_rows`'): AdamW with warmup and
+    cosine decay, gradients clipped at norm 1. The tower's pretraining and the object resampler's share it."""
+    from tqdm import tqdm
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+
+    def loss_fn(p, rows, names_, attributes_):
+        name_loss, attr_loss = crop_losses(*apply(p, *rows), names_, attributes_)
+        return name_loss + attr_loss
+
+    @jax.jit
+    def step(p, opt_state, rows, names_, attributes_):
+        loss, grads = jax.value_and_grad(loss_fn)(p, rows, names_, attributes_)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr)
+    for _ in bar:
+        idx = rng.choice(len(names), size=batch, replace=len(names) < batch)
+        params, opt_state, loss = step(params, opt_state, tuple(x[idx] for x in inputs), names[idx], attributes[idx])
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if not np.isfinite(losses[-1]):
+        raise RuntimeError(f"{desc}: the loss is {losses[-1]} after {steps} steps")
+    return params, losses
+
+
+def score_heads(predict, params: dict, inputs: tuple[np.ndarray, ...], names: np.ndarray, attributes: np.ndarray,
+                chunk: int = 512) -> dict[str, float]:
+    """`scores` of predict(params, *rows) -> (name logits, attribute logits) over every row, `chunk` at a time."""
+    outs = [predict(params, *(x[i:i + chunk] for x in inputs)) for i in range(0, len(names), chunk)]
+    return scores(np.concatenate([np.asarray(o[0]) for o in outs]),
+                  np.concatenate([np.asarray(o[1]) for o in outs]), names, attributes)
+
+
 def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, eval_dir: str | Path | None = None,
              steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, jitter: float = 0.25,
              seed: int = 0, catalog: int = 0, knobs: dict | None = None, progress: bool = True) -> dict:
     """Train the tower on crops (module doc) of the shards in train_dir and `catalog` crops of the
     toyworld object catalog (catalog seed = seed, toyworld `knobs`); write the checkpoint and its
     report; return the report."""
-    from tqdm import tqdm
-
     from traser_jax.convert import save_checkpoint
     from traser_jax.model import init_params
 
@@ -258,38 +298,14 @@ def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, 
     model = CropClassifier(cfg, len(names), len(attributes))
     params = nn.meta.unbox(jax.jit(model.init, static_argnums=2)(jax.random.key(seed), train.pixel_values[0], grid)
                            ["params"])
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     apply = jax.vmap(lambda p, x: model.apply({"params": p}, x, grid), in_axes=(None, 0))
-
-    def loss_fn(p, pixel_values, names_, attributes_):
-        name_loss, attr_loss = crop_losses(*apply(p, pixel_values), names_, attributes_)
-        return name_loss + attr_loss
-
-    @jax.jit
-    def step(p, opt_state, pixel_values, names_, attributes_):
-        loss, grads = jax.value_and_grad(loss_fn)(p, pixel_values, names_, attributes_)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
+    params, losses = fit_heads(params, apply, (train.pixel_values,), train.names, train.attributes, steps=steps,
+                               batch=batch, lr=lr, rng=rng, desc="pretrain vision", progress=progress)
     predict = jax.jit(apply)
 
     def evaluate(p, crops: Crops) -> dict[str, float]:
-        outs = [predict(p, crops.pixel_values[i:i + 512]) for i in range(0, len(crops.names), 512)]
-        return scores(np.concatenate([np.asarray(o[0]) for o in outs]),
-                      np.concatenate([np.asarray(o[1]) for o in outs]), crops.names, crops.attributes)
+        return score_heads(predict, p, (crops.pixel_values,), crops.names, crops.attributes)
 
-    opt_state = tx.init(params)
-    losses = []
-    bar = tqdm(range(steps), desc="pretrain vision", disable=not progress, file=sys.stderr)
-    for _ in bar:
-        idx = rng.choice(len(train.names), size=batch, replace=len(train.names) < batch)
-        params, opt_state, loss = step(params, opt_state, train.pixel_values[idx], train.names[idx],
-                                       train.attributes[idx])
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if not np.isfinite(losses[-1]):
-        raise RuntimeError(f"pretrain_vision: the loss is {losses[-1]} after {steps} steps")
     report = {"steps": steps, "batch": batch, "lr": lr, "crop": crop, "jitter": jitter, "catalog_crops": catalog,
               "train_crops": int(len(train.names)), "names": names, "attributes": attributes,
               "first_loss": losses[0], "final_loss": losses[-1],
