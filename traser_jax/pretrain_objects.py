@@ -5,9 +5,11 @@
 
 TRASER's OTR turns each object's selected vision tokens into its latent block; the decoder must read
 the object's name and attributes from that block. Trained from random inside the scene-graph loss,
-on 2 CPU cores the decoder reads little of what the tokens carry (README, "What the demo learns":
-with the OTR pretrained here first, held-out object accuracy rose from 20.6% to 46.9% and attribute
-recall from 52.9% to 75.4%, the same tower and stages). This stage trains the OTR alone: for every
+on 2 CPU cores the decoder reads little of what the tokens carry (README, "What the demo learns",
+session 12: with session 9's wider tower and every cell an object touches selected, starting the
+demo's stages from the OTR pretrained here raised held-out object accuracy from 20.6% to 41.2% and
+attribute recall from 52.9% to 76.3%; with the demo's tower, whose tokens carry a fifth of the
+names, it does not help). This stage trains the OTR alone: for every
 object of the training shards, the frozen tower of `--init` (`pretrain_vision`'s checkpoint or any
 with a tower) runs on its video, `tokens.select_from_record` picks the object's tokens as training
 does, and the OTR's latents, averaged, feed linear heads for the object's name (one softmax over the
