@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo demo-tower test test-all venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(PY) -m launch.demo
+
+# Train the demo's vision tower again (52 min on 2 cores) and write configs/demo_tower.npz.
+demo-tower: $(STAMP)
+	$(PY) -m launch.demo --train-tower
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

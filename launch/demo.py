@@ -1,19 +1,24 @@
 """`make demo`: the main job on the embedded default, end to end on CPU.
 
 1. generate toyworld shards (train and held-out eval videos) and print their summary;
-2. pretrain the vision tower on crops of the training objects (`traser_jax.pretrain_vision`:
-   the stand-in for the pretrained tower the published model starts from), then freeze it;
-3. train the `demo` config (launch/train.sh's entry point) in two stages from that tower: the
+2. start from the demo's pretrained vision tower (configs/demo_tower.npz: the stand-in for the
+   pretrained tower the published model starts from; `make demo-tower` trains it again, 52 min on 2
+   cores, with `traser_jax.pretrain_vision` on crops of the training objects and the toyworld object
+   catalog) and freeze it;
+3. pretrain the object resampler on the tower's tokens of each training object
+   (`traser_jax.pretrain_objects`), so that the decoder finds each object's name in its latents;
+4. train the `demo` config (launch/train.sh's entry point) in two stages from there: the
    `attributes` task alone until the decoder reads the video, then mostly scene graphs from
    those weights (README, "What the demo learns");
-4. predict the held-out videos with constrained decoding;
-5. evaluate against their ground truth, next to the most-frequent-relation baseline;
-6. write runs/demo/metrics.json, loss.png and one prediction rendered next to its
+5. predict the held-out videos with constrained decoding;
+6. evaluate against their ground truth, next to the most-frequent-relation baseline;
+7. write runs/demo/metrics.json, loss.png and one prediction rendered next to its
    ground truth (prediction.png).
 
 Every step resumes: rerunning skips generated shards and finished training steps.
 `python launch/demo.py --data-only` stops after step 1, `--vision-only` after step 2 (launch/sweep.sh
-uses them). The model is runs/demo/scene_graph.
+uses them); `--train-tower` generates the data, trains the tower and writes configs/demo_tower.npz.
+The model is runs/demo/scene_graph.
 """
 from __future__ import annotations
 
@@ -27,9 +32,12 @@ DATA = RUN / "data"
 # Small scenes keep the answers short enough to learn on 2 CPU cores in minutes.
 KNOBS = ["min_objects=2", "max_objects=4", "max_duration=8", "max_side=280"]
 SPLITS = (("train", 512, 0), ("eval", 16, 1))
-# The tower's crop pretraining: the training split's objects and 16,000 of the toyworld object catalog's.
-PRETRAIN = ["--steps", "600", "--jitter", "0.125", "--catalog", "16000", *(a for k in KNOBS for a in ("--knob", k))]
-VISION, STAGE1, MODEL = RUN / "vision", RUN / "attributes", RUN / "scene_graph"
+# The tower's crop pretraining (`--train-tower`): the training split's objects and 32,000 of the toyworld
+# object catalog's, 2,500 steps, its tokens centered on the training videos.
+TOWER = Path(__file__).resolve().parents[1] / "configs" / "demo_tower.npz"
+PRETRAIN = ["--steps", "2500", "--jitter", "0.125", "--catalog", "32000", "--center",
+            *(a for k in KNOBS for a in ("--knob", k))]
+VISION, OBJECTS, STAGE1, MODEL = RUN / "vision", RUN / "objects", RUN / "attributes", RUN / "scene_graph"
 # Stage 1 answers objects with attributes only: short sequences (one 320-token bucket; the training
 # split's longest is 287) whose loss is mostly grounding. Stage 2 starts from its weights and tokenizer
 # and asks mostly for scene graphs: sequences of 243 tokens at the median and 560 at most; a batch of 8
@@ -40,7 +48,7 @@ VISION, STAGE1, MODEL = RUN / "vision", RUN / "attributes", RUN / "scene_graph"
 FROZEN_TOWER = ["optim.lr_vision=0", "optim.lr_merger=0", "data.cache_vision_tokens=true"]
 STAGES = (
     (STAGE1, ["data.task_mix={attributes: 1.0}", "optim.num_steps=400", "tokens.bucket_length=[320]",
-              f"train.init_from={VISION}", *FROZEN_TOWER]),
+              f"train.init_from={OBJECTS}", *FROZEN_TOWER]),
     (MODEL, ["data.task_mix={scene_graph: 0.7, attributes: 0.3}", "optim.num_steps=250",
              "tokens.bucket_length=[448, 576]", f"train.init_from={STAGE1}",
              f"data.tokenizer={STAGE1 / 'tokenizer.json'}", *FROZEN_TOWER]),
@@ -60,14 +68,39 @@ def generate() -> None:
     print(json.dumps(summary, indent=1))
 
 
-def pretrain_vision() -> None:
+def vision_tower() -> None:
+    """The init checkpoint with the committed tower (and random parameters for the rest)."""
     from traser_jax.pretrain_vision import REPORT_NAME
 
     if (VISION / REPORT_NAME).exists():  # finished on an earlier run
         return
+    out = sh("-m", "traser_jax.pretrain_vision", "demo", "--from-tower", str(TOWER), "--out", str(VISION))
+    print(f"vision tower: {out.strip()}")
+
+
+def train_tower() -> None:
+    """Pretrain the tower on object crops and write it to configs/demo_tower.npz (52 min on 2 cores)."""
+    import shutil
+
+    from traser_jax.pretrain_vision import TOWER_NAME
+
+    out_dir = RUN / "tower"
     out = sh("-m", "traser_jax.pretrain_vision", "demo", "--data", str(DATA / "train"), "--eval-data",
-             str(DATA / "eval"), "--out", str(VISION), *PRETRAIN)
+             str(DATA / "eval"), "--out", str(out_dir), *PRETRAIN)
     print(f"vision tower pretrained on object crops: {out.strip()}")
+    shutil.copy(out_dir / TOWER_NAME, TOWER)
+    shutil.copy((out_dir / TOWER_NAME).with_suffix(".json"), TOWER.with_suffix(".json"))
+    print(f"wrote {TOWER}")
+
+
+def pretrain_objects() -> None:
+    from traser_jax.pretrain_objects import REPORT_NAME
+
+    if (OBJECTS / REPORT_NAME).exists():
+        return
+    out = sh("-m", "traser_jax.pretrain_objects", "demo", "--init", str(VISION), "--data", str(DATA / "train"),
+             "--eval-data", str(DATA / "eval"), "--out", str(OBJECTS))
+    print(f"object resampler pretrained on the tower's object tokens: {out.strip()}")
 
 
 def plot_loss(stages: list[Path], out: Path) -> None:
@@ -123,9 +156,13 @@ def main() -> None:
     generate()
     if "--data-only" in sys.argv[1:]:  # the toyworld splits alone
         return
-    pretrain_vision()
+    if "--train-tower" in sys.argv[1:]:
+        train_tower()
+        return
+    vision_tower()
     if "--vision-only" in sys.argv[1:]:  # and the pretrained tower
         return
+    pretrain_objects()
     for run_dir, overrides in STAGES:
         sh("-m", "traser_jax.train", "demo", f"train.run_dir={run_dir}", f"data.train_dir={DATA / 'train'}",
            f"data.eval_dir={DATA / 'eval'}", *overrides)

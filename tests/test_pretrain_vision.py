@@ -62,8 +62,10 @@ def test_crops_hold_their_object_and_its_labels(shards):
 def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_training_starts_from(shards, tmp_path):
     cfg = config_lib.load("tiny", OVERRIDES)
     out = tmp_path / "vision"
-    report = pretrain_vision.pretrain(cfg, shards, out, eval_dir=shards, steps=40, batch=32, lr=3e-3, progress=False)
+    report = pretrain_vision.pretrain(cfg, shards, out, eval_dir=shards, steps=40, batch=32, lr=3e-3, center=True,
+                                      progress=False)
     assert report["final_loss"] < report["first_loss"]
+    assert report["centered"]["videos"] == 4 and report["centered"]["removed_mean_rms"] > 0
     assert json.loads((out / pretrain_vision.REPORT_NAME).read_text())["final_loss"] == report["final_loss"]
     for split in ("train", "eval"):
         assert 0.0 <= report[split]["name_accuracy"] <= 1.0 and 0.0 <= report[split]["attribute_recall"] <= 1.0
@@ -75,6 +77,75 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_training_starts_fro
     trained = [k for k in fresh if not np.array_equal(loaded[k], fresh[k])]
     assert trained and all(k[0] == "vision" for k in trained)  # the tower learned; the rest is fresh init
     assert ("vision", "patch_embed") in trained
+    # the tower alone (tower.npz): the checkpoint's tower in float16
+    tower = traverse_util.flatten_dict(pretrain_vision.load_tower(out / pretrain_vision.TOWER_NAME, cfg))
+    assert tower.keys() == {k[1:] for k in fresh if k[0] == "vision"}
+    for key, value in tower.items():
+        np.testing.assert_allclose(value, loaded[("vision", *key)], rtol=1e-3, atol=1e-6)
+
+
+def test_centering_folds_the_tokens_mean_over_the_videos_into_the_merger(shards):
+    """center_tower: each video's tokens are the uncentered tower's minus one vector, the mean of all of
+    them over the videos, so their mean is zero."""
+    from traser_jax.data import video_features
+
+    cfg = config_lib.load("tiny", OVERRIDES)
+    vision = jax.device_get(init_params(cfg, jax.random.key(1))["vision"])
+    centered, info = pretrain_vision.center_tower(cfg, vision, shards, videos=3)
+    assert info["videos"] == 3
+    encode = pretrain_vision.tower_encoder(cfg)
+    before, after = [], []
+    for example in list(ShardReader(shards))[:3]:
+        pixel_values, grid = video_features(example.record, example.frames, cfg)
+        grid = tuple(int(g) for g in grid)
+        before.append(np.asarray(encode(vision, pixel_values, grid), np.float64))
+        after.append(np.asarray(encode(centered, pixel_values, grid), np.float64))
+    before, after = np.concatenate(before), np.concatenate(after)
+    mean = before.mean(0)
+    assert np.sqrt((mean ** 2).mean()) == pytest.approx(info["removed_mean_rms"], rel=1e-4) and info["removed_mean_rms"] > 0
+    np.testing.assert_allclose(after, before - mean, rtol=0, atol=1e-5 * np.abs(before).max())
+    assert np.abs(after.mean(0)).max() < 1e-5 * np.abs(before).max()
+
+
+def test_a_saved_tower_starts_a_checkpoint_and_must_fit_the_config(tmp_path, capsys):
+    """--from-tower: the checkpoint `pretrain` would write with that tower (fresh init elsewhere, seed 0) and
+    the tower's report; a tower of other vision.* settings is refused, naming the parameter."""
+    cfg = config_lib.load("tiny", OVERRIDES)
+    vision = jax.device_get(init_params(cfg, jax.random.key(3))["vision"])
+    tower = tmp_path / "tower.npz"
+    pretrain_vision.save_tower(tower, vision, {"eval": {"name_accuracy": 0.5}})
+    out = tmp_path / "vision"
+    assert pretrain_vision.main(["tiny", "--from-tower", str(tower), "--out", str(out), *OVERRIDES]) == 0
+    report = json.loads((out / pretrain_vision.REPORT_NAME).read_text())
+    assert report["from_tower"] == str(tower) and report["eval"]["name_accuracy"] == 0.5
+
+    start = config_lib.load("tiny", OVERRIDES + [f"train.init_from={out}"])
+    loaded = traverse_util.flatten_dict(jax.device_get(load_init_params(start)))
+    fresh = traverse_util.flatten_dict(jax.device_get(init_params(cfg, jax.random.key(0))))
+    want = traverse_util.flatten_dict(vision)
+    for key, value in loaded.items():
+        if key[0] == "vision":
+            np.testing.assert_allclose(value, want[key[1:]], rtol=1e-3, atol=1e-6)  # float16 on disk
+        else:
+            np.testing.assert_array_equal(value, fresh[key])
+
+    other = ["vision.hidden_size=64", "vision.num_heads=2"]
+    assert pretrain_vision.main(["tiny", "--from-tower", str(tower), "--out", str(tmp_path / "w"), *OVERRIDES,
+                                 *other]) == 2
+    assert "has shape" in capsys.readouterr().err
+    assert not (tmp_path / "w" / pretrain_vision.REPORT_NAME).exists()
+
+
+def test_the_committed_demo_tower_fits_the_demo_config():
+    """configs/demo_tower.npz (`make demo-tower`) is the demo config's tower: make demo starts from it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = config_lib.load("demo")
+    tower = pretrain_vision.load_tower(root / "configs" / "demo_tower.npz", cfg)
+    report = json.loads((root / "configs" / "demo_tower.json").read_text())
+    assert report["centered"]["videos"] == 256 and report["eval"]["name_accuracy"] > 0.7
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(tower))
 
 
 def test_cli_refuses_a_crop_off_the_merged_grid_and_a_jitter_past_half_a_crop(shards, tmp_path, capsys):

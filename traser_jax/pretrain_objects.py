@@ -36,7 +36,7 @@ from traser_jax import tokens as tokens_lib
 from traser_jax.config import Config
 from traser_jax.modules.layers import dtype_of
 from traser_jax.modules.resampler import PerceiverResampler
-from traser_jax.pretrain_vision import fit_heads, label_rows, score_heads
+from traser_jax.pretrain_vision import fit_heads, label_rows, score_heads, tower_encoder
 
 REPORT_NAME = "pretrain_objects.json"  # written last: its presence means the stage finished
 
@@ -50,11 +50,8 @@ def object_tokens(shard_dir: str | Path, cfg: Config, vision_params: dict, progr
 
     from data_gen.shards import ShardReader
     from traser_jax.data import video_features
-    from traser_jax.model import Traser
 
-    model = Traser(cfg)
-    encode = jax.jit(lambda p, x, grid: model.apply({"params": {"vision": p}}, x, (grid,),
-                                                    method=Traser.encode_video), static_argnums=2)
+    encode = tower_encoder(cfg)
     per_object, labels = [], []
     reader = ShardReader(shard_dir)
     for example in tqdm(reader, desc=f"object tokens {Path(shard_dir).name}", disable=not progress, file=sys.stderr):

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from data_gen.toyworld import ToyworldConfig
 
 REPORT_NAME = "pretrain_vision.json"  # written last: its presence means the stage finished
+TOWER_NAME = "tower.npz"  # the tower alone, to start other runs from (`--from-tower`)
 
 
 @dataclass
@@ -263,15 +264,105 @@ def score_heads(predict, params: dict, inputs: tuple[np.ndarray, ...], names: np
                   np.concatenate([np.asarray(o[1]) for o in outs]), names, attributes)
 
 
-def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, eval_dir: str | Path | None = None,
-             steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, jitter: float = 0.25,
-             seed: int = 0, catalog: int = 0, knobs: dict | None = None, progress: bool = True) -> dict:
-    """Train the tower on crops (module doc) of the shards in train_dir and `catalog` crops of the
-    toyworld object catalog (catalog seed = seed, toyworld `knobs`); write the checkpoint and its
-    report; return the report."""
+def tower_encoder(cfg: Config):
+    """jit of (vision params, pixel values, grid) -> the tower's merged output tokens [tokens, D] for one video."""
+    from traser_jax.model import Traser
+
+    model = Traser(cfg)
+    return jax.jit(lambda p, x, grid: model.apply({"params": {"vision": p}}, x, (grid,), method=Traser.encode_video),
+                   static_argnums=2)
+
+
+def center_tower(cfg: Config, vision_params: dict, shard_dir: str | Path, videos: int = 256) -> tuple[dict, dict]:
+    """(the tower with the mean of its output tokens over the first `videos` videos of the shards folded
+    into the merger's last bias, {videos used, RMS of that mean}). The same function with centered tokens: a
+    shared vector in every token is most of a small tower's output energy, and the resamplers read
+    centered tokens faster (README, "What the demo learns", session 10)."""
+    from data_gen.shards import ShardReader
+    from traser_jax.data import video_features
+
+    encode = tower_encoder(cfg)
+    total, count, used = 0.0, 0, 0
+    for example in ShardReader(shard_dir):
+        if used == videos:
+            break
+        used += 1
+        pixel_values, grid = video_features(example.record, example.frames, cfg)
+        out = np.asarray(encode(vision_params, jnp.asarray(pixel_values), tuple(int(g) for g in grid)), np.float64)
+        total, count = total + out.sum(0), count + len(out)
+    if not count:
+        raise ValueError(f"no video in {shard_dir} to center the tower on")
+    mean = total / count
+    centered = jax.tree.map(np.asarray, vision_params)
+    fc2 = dict(centered["merger"]["fc2"])
+    fc2["bias"] = (fc2["bias"].astype(np.float64) - mean).astype(fc2["bias"].dtype)
+    centered["merger"] = {**centered["merger"], "fc2": fc2}
+    return centered, {"videos": used, "removed_mean_rms": float(np.sqrt((mean ** 2).mean()))}
+
+
+def save_tower(path: str | Path, vision_params: dict, report: dict) -> None:
+    """The tower's parameters in float16 (half the bytes; `load_tower` casts back), and its report next to it (.json)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(jax.device_get(vision_params), sep="/")
+    half = {key: np.asarray(value, np.float16) for key, value in flat.items()}
+    for key, value in half.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"tower parameter {key} does not fit float16")
+    path = Path(path)
+    np.savez_compressed(path, **half)
+    path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+
+
+def load_tower(path: str | Path, cfg: Config) -> dict:
+    """`save_tower`'s tower as float32 parameters, checked against the config's vision tower."""
+    from flax import traverse_util
+
+    from traser_jax.model import abstract_params
+
+    with np.load(path) as npz:
+        got = {tuple(key.split("/")): np.asarray(npz[key], np.float32) for key in npz.files}
+    want = traverse_util.flatten_dict(abstract_params(cfg, boxed=False)["vision"])
+    for key in sorted(set(want) | set(got)):
+        shape_want = tuple(want[key].shape) if key in want else None
+        shape_got = got[key].shape if key in got else None
+        if shape_want != shape_got:
+            raise ValueError(f"{path}: tower parameter {'/'.join(key)} has shape {shape_got}, the config's vision "
+                             f"tower needs {shape_want} (the tower was trained with other vision.* settings)")
+    return traverse_util.unflatten_dict(got)
+
+
+def checkpoint_from_tower(cfg: Config, tower_path: str | Path, out_dir: str | Path, seed: int = 0) -> dict:
+    """Write what `pretrain` writes, with the tower of `tower_path` (`save_tower`'s) in place of training one;
+    return the report: the tower's own, with where it came from."""
     from traser_jax.convert import save_checkpoint
     from traser_jax.model import init_params
 
+    tower = load_tower(tower_path, cfg)
+    tower_report = Path(tower_path).with_suffix(".json")
+    report = {"from_tower": str(tower_path),
+              **(json.loads(tower_report.read_text()) if tower_report.exists() else {})}
+    full = dict(init_params(cfg, jax.random.key(seed)))
+    full["vision"] = tower
+    out_dir = Path(out_dir)
+    save_checkpoint(out_dir, cfg, full)
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, eval_dir: str | Path | None = None,
+             steps: int = 400, batch: int = 128, lr: float = 1e-3, crop: int = 56, jitter: float = 0.25,
+             seed: int = 0, catalog: int = 0, knobs: dict | None = None, center: bool = False,
+             progress: bool = True) -> dict:
+    """Train the tower on crops (module doc) of the shards in train_dir and `catalog` crops of the
+    toyworld object catalog (catalog seed = seed, toyworld `knobs`); with `center`, center its tokens
+    on train_dir's videos (`center_tower`; the reported scores are the uncentered tower's, with its
+    heads); write the checkpoint, the tower alone (`save_tower`) and the report; return the report."""
+    from traser_jax.convert import save_checkpoint
+    from traser_jax.model import init_params
+
+    if center and train_dir is None:
+        raise ValueError("centering the tower needs training shards (--data) to take the mean over")
     if steps < 1 or batch < 1:
         raise ValueError(f"steps {steps} and batch {batch} must be at least 1")
     rng = np.random.default_rng(seed)
@@ -313,10 +404,14 @@ def pretrain(cfg: Config, train_dir: str | Path | None, out_dir: str | Path, *, 
     if held_out is not None:
         report.update(eval_crops=int(len(held_out.names)), eval=evaluate(params, held_out))
 
+    vision = jax.device_get(params["vision"])
+    if center:
+        vision, report["centered"] = center_tower(cfg, vision, train_dir)
     full = dict(init_params(cfg, jax.random.key(seed)))
-    full["vision"] = jax.device_get(params["vision"])
+    full["vision"] = vision
     out_dir = Path(out_dir)
     save_checkpoint(out_dir, cfg, full)
+    save_tower(out_dir / TOWER_NAME, vision, report)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
     return report
 
@@ -338,16 +433,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jitter", type=float, default=0.25,
                         help="largest random shift of a crop off its object's centroid, as a fraction of the crop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--center", action="store_true",
+                        help="center the tower's output tokens on the training videos (center_tower)")
+    parser.add_argument("--from-tower", default=None, metavar="TOWER.npz",
+                        help="train nothing: write the checkpoint with this saved tower (a run's tower.npz)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     from data_gen.toyworld import ToyworldConfig
 
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        if args.from_tower:
+            report = checkpoint_from_tower(cfg, args.from_tower, args.out, seed=args.seed)
+            print(json.dumps({k: report[k] for k in ("from_tower", "eval_crops", "eval") if k in report}))
+            return 0
         report = pretrain(cfg, args.data, args.out, eval_dir=args.eval_data, steps=args.steps, batch=args.batch,
                           lr=args.lr, crop=args.crop, jitter=args.jitter, seed=args.seed, catalog=args.catalog,
-                          knobs=ToyworldConfig.parse_knobs(args.knob))
-    except (config_lib.ConfigError, ValueError, TypeError, RuntimeError) as err:  # TypeError: an unknown knob
+                          center=args.center, knobs=ToyworldConfig.parse_knobs(args.knob))
+    except (config_lib.ConfigError, ValueError, TypeError, RuntimeError, FileNotFoundError) as err:  # TypeError: an unknown knob
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = {k: report[k] for k in ("train_crops", "final_loss", "train")}
