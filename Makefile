@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m launch.demo
 
-# Train the demo's vision tower again (52 min on 2 cores) and write configs/demo_tower.npz.
+# Train the demo's vision tower again (about 1 h 25 min on 2 cores) and write configs/demo_tower.npz.
 demo-tower: $(STAMP)
 	$(PY) -m launch.demo --train-tower
 

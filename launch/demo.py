@@ -2,9 +2,10 @@
 
 1. generate toyworld shards (train and held-out eval videos) and print their summary;
 2. start from the demo's pretrained vision tower (configs/demo_tower.npz: the stand-in for the
-   pretrained tower the published model starts from; `make demo-tower` trains it again, 52 min on 2
-   cores, with `traser_jax.pretrain_vision` on crops of the training objects and the toyworld object
-   catalog) and freeze it;
+   pretrained tower the published model starts from; `make demo-tower` trains it again with
+   `traser_jax.pretrain_vision`, on crops of the training objects and the toyworld object catalog, then
+   on each object's attention windows in the frames of more toyworld videos: about 1 h 25 min on 2
+   cores) and freeze it;
 3. pretrain the object resampler on the tower's tokens of each training object
    (`traser_jax.pretrain_objects`), so that the decoder finds each object's name in its latents;
 4. train the `demo` config (launch/train.sh's entry point) in two stages from there: the
@@ -32,11 +33,13 @@ DATA = RUN / "data"
 # Small scenes keep the answers short enough to learn on 2 CPU cores in minutes.
 KNOBS = ["min_objects=2", "max_objects=4", "max_duration=8", "max_side=280"]
 SPLITS = (("train", 512, 0), ("eval", 16, 1))
-# The tower's crop pretraining (`--train-tower`): the training split's objects and 32,000 of the toyworld
-# object catalog's, 2,500 steps, its tokens centered on the training videos.
+# The tower (`--train-tower`): pretrained on crops of the training split's objects and 32,000 of the toyworld
+# object catalog's, 2,500 steps; then on each object's attention windows in the frames of 2,048 more toyworld
+# videos (seed 5), its tokens centered on them.
 TOWER = Path(__file__).resolve().parents[1] / "configs" / "demo_tower.npz"
-PRETRAIN = ["--steps", "2500", "--jitter", "0.125", "--catalog", "32000", "--center",
-            *(a for k in KNOBS for a in ("--knob", k))]
+TOWER_SPLIT = ("tower", 2048, 5)
+TOWER_CROPS = ["--steps", "2500", "--jitter", "0.125", "--catalog", "32000", *(a for k in KNOBS for a in ("--knob", k))]
+TOWER_WINDOWS = ["--windows", "--steps", "1500", "--batch", "32", "--lr", "3e-4", "--center"]
 VISION, OBJECTS, STAGE1, MODEL = RUN / "vision", RUN / "objects", RUN / "attributes", RUN / "scene_graph"
 # Stage 1 answers objects with attributes only: short sequences (one 320-token bucket; the training
 # split's longest is 287) whose loss is mostly grounding. Stage 2 starts from its weights and tokenizer
@@ -59,8 +62,8 @@ def sh(*args: str) -> str:
     return subprocess.run([sys.executable, *args], check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def generate() -> None:
-    for split, n, seed in SPLITS:
+def generate(splits=SPLITS) -> None:
+    for split, n, seed in splits:
         knobs = [a for k in KNOBS for a in ("--knob", k)]
         sh("-m", "data_gen.toyworld", "--num-videos", str(n), "--seed", str(seed), "--out", str(DATA / split),
            *knobs)
@@ -79,17 +82,22 @@ def vision_tower() -> None:
 
 
 def train_tower() -> None:
-    """Pretrain the tower on object crops and write it to configs/demo_tower.npz (52 min on 2 cores)."""
+    """Pretrain the tower (TOWER_CROPS, then TOWER_WINDOWS) and write it to configs/demo_tower.npz (about
+    1 h 25 min on 2 cores)."""
     import shutil
 
     from traser_jax.pretrain_vision import TOWER_NAME
 
-    out_dir = RUN / "tower"
+    generate((TOWER_SPLIT,))
+    crops, windows = RUN / "tower_crops", RUN / "tower"
     out = sh("-m", "traser_jax.pretrain_vision", "demo", "--data", str(DATA / "train"), "--eval-data",
-             str(DATA / "eval"), "--out", str(out_dir), *PRETRAIN)
+             str(DATA / "eval"), "--out", str(crops), *TOWER_CROPS)
     print(f"vision tower pretrained on object crops: {out.strip()}")
-    shutil.copy(out_dir / TOWER_NAME, TOWER)
-    shutil.copy((out_dir / TOWER_NAME).with_suffix(".json"), TOWER.with_suffix(".json"))
+    out = sh("-m", "traser_jax.pretrain_vision", "demo", "--data", str(DATA / TOWER_SPLIT[0]), "--eval-data",
+             str(DATA / "eval"), "--init-tower", str(crops / TOWER_NAME), "--out", str(windows), *TOWER_WINDOWS)
+    print(f"then on object windows: {out.strip()}")
+    shutil.copy(windows / TOWER_NAME, TOWER)
+    shutil.copy((windows / TOWER_NAME).with_suffix(".json"), TOWER.with_suffix(".json"))
     print(f"wrote {TOWER}")
 
 

@@ -36,7 +36,7 @@ from traser_jax import tokens as tokens_lib
 from traser_jax.config import Config
 from traser_jax.modules.layers import dtype_of
 from traser_jax.modules.resampler import PerceiverResampler
-from traser_jax.pretrain_vision import fit_heads, label_rows, score_heads, tower_encoder
+from traser_jax.pretrain_vision import fit_heads, heads, label_rows, score_heads, tower_encoder
 
 REPORT_NAME = "pretrain_objects.json"  # written last: its presence means the stage finished
 
@@ -86,8 +86,7 @@ class ObjectClassifier(nn.Module):
                                  param_dtype=dtype_of(cfg.train.param_dtype), name="otr_resampler")
         latents = otr(tokens, jnp.where(mask, 0, -1), 1)[:, 0]  # [B, n_lat, D]: one segment per object
         pooled = latents.astype(jnp.float32).mean(1)
-        return (nn.Dense(self.num_names, name="name_head")(pooled),
-                nn.Dense(self.num_attributes, name="attribute_head")(pooled))
+        return heads(pooled, self.num_names, self.num_attributes)
 
 
 def pretrain(cfg: Config, init_dir: str | Path, train_dir: str | Path, out_dir: str | Path, *,
