@@ -202,6 +202,7 @@ def test_cli_refuses_a_crop_off_the_merged_grid_and_a_jitter_past_half_a_crop(sh
     assert "jitter 0.6 must lie in [0, 0.5]" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 40 s; the demo trains on the catalog only in `make demo-tower`
 def test_catalog_crops_alone_or_with_the_shards_train_the_tower(shards, tmp_path):
     """--catalog: the toyworld object catalog's crops, cut and patchified as the shards' are, labelled in
     toyworld's vocabularies; alone or added to the shards' crops."""
