@@ -115,8 +115,9 @@ def test_cache_continues_after_padded_prefill(tmp_path):
 
 
 def test_remat_gives_the_same_gradients():
-    """Rematerialised layers (train.remat=dots_saveable) recompute activations in the backward pass:
-    the same gradients as without remat."""
+    """Rematerialised layers (train.remat=dots_and_attention_saveable, traser_3b's; without cuDNN it
+    keeps what dots_saveable keeps) recompute activations in the backward pass: the same gradients as
+    without remat."""
     cfg = tiny_config()
     ids, positions, mask = random_batch(cfg, seed=12)
     base = TextDecoder(cfg.text)
@@ -128,9 +129,35 @@ def test_remat_gives_the_same_gradients():
             return jnp.mean(module.apply({"params": p}, embeds, positions, mask)[0] ** 2)
         return jax.jit(jax.grad(loss))(params)
 
-    expected, got = grads(base), grads(TextDecoder(cfg.text, remat="dots_saveable"))
+    expected, got = grads(base), grads(TextDecoder(cfg.text, remat="dots_and_attention_saveable"))
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_dots_and_attention_saveable_runs_the_fused_attention_forward_once(monkeypatch):
+    """With attention_impl=cudnn, dots_saveable makes the backward run cuDNN's attention forward again
+    (its outputs are no dot); dots_and_attention_saveable keeps them, so the gradient's program has one
+    forward per layer. Traced, not run, on CPU: jax's cuDNN checks are patched to pass, since tracing
+    needs no GPU. If jax renames the primitive, this fails: the policy would quietly stop saving it."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    cfg = tiny_config()
+    ids, positions, mask = random_batch(cfg, seed=15, length=16)
+
+    def forwards_in_gradient(remat):
+        module = TextDecoder(cfg.text, dtype=jnp.bfloat16, remat=remat, attention_impl="cudnn")
+        params = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((2, 16, 64), jnp.bfloat16), positions,
+                                mask)["params"]
+
+        def loss(p):
+            embeds = module.apply({"params": p}, ids, method=TextDecoder.embed)
+            return jnp.mean(module.apply({"params": p}, embeds, positions, mask)[0].astype(jnp.float32) ** 2)
+        program = str(jax.make_jaxpr(jax.grad(loss))(params))  # the layer loop's body appears once
+        return program.count("dot_product_attention_fwd"), program.count("dot_product_attention_bwd")
+
+    assert forwards_in_gradient("dots_saveable") == (2, 1)
+    assert forwards_in_gradient("dots_and_attention_saveable") == (1, 1)
 
 
 def test_bfloat16_compute_stays_close(tmp_path):

@@ -417,44 +417,48 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
                  seed: int = 0, profile_dir: Path | None = None) -> dict[str, Any]:
     """The decoder alone, trained as the PyTorch baseline trains its language model: `batch` x `seq`
     random token ids, next-token loss on every position, the training optimizer over the decoder (its
-    `llm` group), the config's dtypes, remat and attention; one device. Median seconds of `steps`
-    steps after `warmup`, tokens/s, and MFU over the decoder's model FLOPs against `peak` FLOP/s;
-    with `profile_dir`, 3 more steps traced (`profile_runs`)."""
+    `llm` group), the config's dtypes, remat, weight cast, attention and gradient accumulation
+    (`data.grad_accum_steps` micro-batches of batch / accum videos, as the whole step); one device.
+    Median seconds of `steps` steps after `warmup`, tokens/s, and MFU over the decoder's model FLOPs
+    against `peak` FLOP/s; with `profile_dir`, 3 more steps traced (`profile_runs`)."""
     import flax.linen as nn
     import optax
 
     from traser_jax import optim
     from traser_jax.modules.layers import dtype_of
     from traser_jax.modules.text import TextDecoder
-    from traser_jax.train import cast_layer_stacks, sequence_loss
+    from traser_jax.train import (cast_layer_stacks, mean_over_micro_batches, memory_plan, micro_batches,
+                                  sequence_loss)
 
-    t = cfg.text
+    t, accum = cfg.text, cfg.data.grad_accum_steps
+    if batch % accum:
+        raise ValueError(f"--batch {batch} is not a multiple of data.grad_accum_steps={accum}")
     decoder = TextDecoder(t, dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
                           remat=cfg.train.remat, attention_impl=cfg.train.attention_impl)
     ids = jnp.asarray(np.random.default_rng(seed).integers(TEXT_ID_OFFSET, t.vocab_size, (batch, seq)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     mask = jnp.ones((batch, seq), jnp.int32)
-    embeds = jnp.zeros((batch, seq, t.hidden_size), dtype_of(cfg.train.compute_dtype))
-    params = {"llm": nn.meta.unbox(jax.jit(decoder.init)(jax.random.key(seed), embeds, positions, mask)["params"])}
+    embeds = jnp.zeros((1, seq, t.hidden_size), dtype_of(cfg.train.compute_dtype))
+    params = {"llm": nn.meta.unbox(jax.jit(decoder.init)(jax.random.key(seed), embeds, positions[:1], mask[:1])["params"])}
     tx = optim.make_optimizer(cfg.optim, params)
 
-    def mean_loss(p):
+    def summed_loss(p, mb):
         apply = functools.partial(decoder.apply, {"params": p["llm"]})
-        hidden = apply(apply(ids, method=TextDecoder.embed), positions, mask, return_hidden=True)[0]
-        total, count = sequence_loss(hidden, ids, functools.partial(apply, method=TextDecoder.logits),
-                                     cfg.train.loss_chunk)
-        return total / jnp.maximum(count, 1)
+        hidden = apply(apply(mb["ids"], method=TextDecoder.embed), mb["positions"], mb["mask"], return_hidden=True)[0]
+        return sequence_loss(hidden, mb["ids"], functools.partial(apply, method=TextDecoder.logits),
+                             cfg.train.loss_chunk)
 
     cast = cast_layer_stacks(cfg)  # the decoder's stacks sit at the same paths as in the whole model
+    value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
+    micro = micro_batches({"ids": ids, "positions": positions, "mask": mask}, accum)
 
     def step(p, opt_state):
-        loss, grads = jax.value_and_grad(mean_loss)(cast(p))
-        grads = jax.tree.map(lambda g, q: g.astype(q.dtype), grads, p)
+        loss, grads, _ = mean_over_micro_batches(value_and_grad, cast(p), p, micro)
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    step = jax.jit(step, donate_argnums=(0, 1))
     held = {"state": (params, tx.init(params))}  # each step donates the state it is given
+    step = jax.jit(step, donate_argnums=(0, 1)).lower(*held["state"]).compile()
 
     def run():
         new_params, opt_state, held["loss"] = step(*held["state"])
@@ -466,6 +470,8 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     report = {"step_s": round(step_s, 5), "tokens_per_s": round(batch * seq / step_s, 1),
               "loss": float(held["loss"]), "model_flops_per_step": _sig(flops),
               "mfu": None if peak is None else round(flops / step_s / peak, 4)}
+    # XLA's plan of this step: in one process of several variants, the device's peak would mix them.
+    report["planned_peak_gib"] = round(memory_plan(step)["peak"] / 2 ** 30, 2)
     if profile_dir is not None:
         summary = profile_runs(run, profile_dir)
         report["profile_top"], report["profile_by_kind"] = summary["top"], summary["by_kind"]
@@ -478,7 +484,8 @@ def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int) -> dict[st
     return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
             "num_devices": num_devices, "compute_dtype": cfg.train.compute_dtype,
             "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat, "weight_cast": cfg.train.weight_cast,
-            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk, "batch": batch,
+            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk,
+            "grad_accum_steps": cfg.data.grad_accum_steps, "mu_dtype": cfg.optim.mu_dtype, "batch": batch,
             "seq": seq}
 
 
@@ -491,6 +498,34 @@ def lm_step_report(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int
             "peak_tflops_per_device": None if peak is None else _sig(peak / 1e12), "peak_source": peak_source,
             "lm_step": time_lm_step(cfg, seq=seq, batch=batch, steps=steps, warmup=warmup, peak=peak, seed=seed,
                                     profile_dir=profile_dir)}
+
+
+def lm_variant(config: str, overrides: Sequence[str], variant: str, batch: int) -> tuple[str, int, Config]:
+    """One `--lm-variant` string: (the string, its batch, the config with its overrides after the command's).
+    A `batch=N` word sets the videos per step; every other word is a config override."""
+    words, n = variant.split(), batch
+    for word in [w for w in words if w.startswith("batch=")]:
+        words.remove(word)
+        n = int(word.split("=", 1)[1])
+    return variant, n, config_lib.load(config, [*overrides, *words])
+
+
+def time_lm_variants(variants: Sequence[tuple[str, int, Config]], *, seq: int, steps: int, warmup: int,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """`time_lm_step` for each variant in turn, in this process (one backend start, no other state held).
+    A variant that fails (out of memory, say) gets its error and the next one runs; each row is also
+    printed to stderr as it comes, so a run cut short keeps the rows it finished."""
+    peak, _ = peak_flops(jax.devices()[0])
+    rows = []
+    for variant, batch, cfg in variants:
+        row = {"variant": variant, "batch": batch}
+        try:
+            row.update(time_lm_step(cfg, seq=seq, batch=batch, steps=steps, warmup=warmup, peak=peak, seed=seed))
+        except Exception as err:  # noqa: BLE001 - one variant out of memory must not lose the others
+            row["error"] = f"{type(err).__name__}: {str(err)[:500]}"
+        print(f"lm variant: {json.dumps(row)}", file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
 
 
 def run_baseline(script: Path, *, seq: int, frames: int, res: int, steps: int, remat: bool,
@@ -640,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lm-step-only", action="store_true",
                         help="time only the decoder alone (lm_step), not the whole step: a quick way to compare "
                              "decoder variants (remat, attention, XLA flags)")
+    parser.add_argument("--lm-variant", action="append", default=[], metavar="'[batch=N] KEY=VALUE ...'",
+                        help="after the report, also time the decoder alone with these overrides on top of the "
+                             "command's (and batch=N videos); repeatable, all in this one process: lm_variants")
     parser.add_argument("--memory-plan", action="store_true",
                         help="only compile the step and report XLA's memory plan per device (arguments, outputs, "
                              "temporaries, peak; GiB) without allocating or running anything")
@@ -652,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--lm-step-only times the decoder alone; --breakdown and --memory-plan are of the whole step")
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        variants = [lm_variant(args.config, args.overrides, v, args.batch) for v in args.lm_variant]
     except config_lib.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -696,15 +735,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         peak = report["peak_tflops_per_device"]  # the same peak as the full step's MFU
         report["lm_step"] = time_lm_step(cfg, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
                                          peak=None if peak is None else peak * 1e12, seed=args.seed)
+    if variants:
+        report["lm_variants"] = time_lm_variants(variants, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                                                 seed=args.seed)
     if baseline is not None:
         report["baseline"] = baseline
         lm = next((b for b in baseline if b.get("what") == "hf_qwen25vl3b_lm_train_step"), None)
         whole = "tokens_per_s" in report  # not --lm-step-only
         if lm and whole:
             report["tokens_per_s_vs_baseline"] = round(report["tokens_per_s"] / lm["tokens_per_s"], 3)
-        if lm and "lm_step" in report:  # language model against language model
-            report["lm_step"]["tokens_per_s_vs_baseline"] = round(
-                report["lm_step"]["tokens_per_s"] / lm["tokens_per_s"], 3)
+        for row in ([report["lm_step"]] if "lm_step" in report else []) + report.get("lm_variants", []):
+            if lm and "tokens_per_s" in row:  # language model against language model
+                row["tokens_per_s_vs_baseline"] = round(row["tokens_per_s"] / lm["tokens_per_s"], 3)
         vis = next((b for b in baseline if b.get("what") == "hf_qwen25vl_vision_forward"), None)
         if vis and whole:
             report["vision_frames_per_s_vs_baseline"] = round(report["vision_frames_per_s"] / vis["frames_per_s"], 3)

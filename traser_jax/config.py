@@ -131,6 +131,9 @@ class OptimConfig:
     clip_norm: float = 1.0
     b1: float = 0.9
     b2: float = 0.999
+    # AdamW's first moment: float32 (the recipe's) | bfloat16 (half its memory and traffic, as
+    # MaxText's mu_dtype; the second moment stays float32).
+    mu_dtype: str = "float32"
 
 
 @dataclass
@@ -149,7 +152,7 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots_saveable
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | dots_and_attention_saveable
     # Where the float32 weights of the scanned layer stacks become compute_dtype: per_layer (each
     # layer's weights inside the layer loop, again in a remat recompute) | per_step (the whole stacks
     # once per step; their gradients come back stacked in compute_dtype). The same gradients to the bit,

@@ -13,12 +13,14 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from traser_jax.config import OptimConfig
+from traser_jax.config import ConfigError, OptimConfig
 
 GROUPS = ("vision", "merger", "llm", "resampler")
+MU_DTYPES = ("float32", "bfloat16")  # optim.mu_dtype
 
 
 def group_of(path: tuple[str, ...]) -> str:
@@ -64,9 +66,12 @@ def make_optimizer(cfg: OptimConfig, trainable: dict) -> optax.GradientTransform
     """Clip the global norm over all trainable parameters, then AdamW per group."""
     lrs = {"vision": cfg.lr_vision, "merger": cfg.lr_merger, "llm": cfg.lr_llm, "resampler": cfg.lr_resampler}
 
+    if cfg.mu_dtype not in MU_DTYPES:
+        raise ConfigError(f"optim.mu_dtype {cfg.mu_dtype!r}: expected one of {', '.join(MU_DTYPES)}")
+
     def adamw(lr: float) -> optax.GradientTransformation:
         return optax.adamw(schedule(lr, cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                           mask=_decay_mask)
+                           mask=_decay_mask, mu_dtype=jnp.dtype(cfg.mu_dtype))
 
     labels = traverse_util.unflatten_dict(
         {p: group_of(p) for p in traverse_util.flatten_dict(trainable)})

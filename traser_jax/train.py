@@ -193,21 +193,25 @@ def make_grad_fn(model: Traser, accum: int):
             return answer_loss(model, optim.merge(params, frozen), mb, statics)
 
         value_and_grad = jax.value_and_grad(micro_loss, has_aux=True)
-        params = cast(trainable)
-
-        def body(carry, mb):
-            grads, loss_sum, count = carry
-            (loss, n), g = value_and_grad(params, mb)
-            return (jax.tree.map(lambda total, x: total + x.astype(total.dtype), grads, g), loss_sum + loss,
-                    count + n), None
-
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, loss_sum, count), _ = jax.lax.scan(body, init, micro_batches(batch, accum))
-        denom = jnp.maximum(count, 1).astype(jnp.float32)
-        return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
+        return mean_over_micro_batches(value_and_grad, cast(trainable), trainable, micro_batches(batch, accum))
 
     return grad_fn
+
+
+def mean_over_micro_batches(value_and_grad, params, like: dict, micro: dict):
+    """(mean loss, its gradient, token count) from `value_and_grad(params, mb) -> ((loss sum, count), grads)`
+    summed over the micro-batches on `micro`'s leading axis (a scan), gradients summed in `like`'s dtypes
+    (the float32 parameters) and divided by the total count once at the end."""
+    def body(carry, mb):
+        grads, loss_sum, count = carry
+        (loss, n), g = value_and_grad(params, mb)
+        return (jax.tree.map(lambda total, x: total + x.astype(total.dtype), grads, g), loss_sum + loss,
+                count + n), None
+
+    init = (jax.tree.map(jnp.zeros_like, like), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (grads, loss_sum, count), _ = jax.lax.scan(body, init, micro)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
 
 
 def make_train_step(model: Traser, tx: optax.GradientTransformation, accum: int):
@@ -222,6 +226,14 @@ def make_train_step(model: Traser, tx: optax.GradientTransformation, accum: int)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
 
     return step
+
+
+def memory_plan(compiled) -> dict[str, int]:
+    """A compiled function's memory plan in bytes per device: arguments, outputs, the outputs that reuse
+    donated arguments (alias), temporaries, and peak = arguments + outputs - alias + temporaries."""
+    plan = compiled.memory_analysis()
+    out = {k: int(getattr(plan, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    return dict(out, peak=out["argument"] + out["output"] - out["alias"] + out["temp"])
 
 
 class Trainer:
@@ -293,9 +305,7 @@ class Trainer:
                                           sharding=self.batch_sharding(np.ndim(batch[k])))
                   for k in device_keys(batch)}
         with self.context():
-            plan = self._step.lower(self.abstract_state(), arrays, statics_of(batch)).compile().memory_analysis()
-        out = {k: int(getattr(plan, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-        return dict(out, peak=out["argument"] + out["output"] - out["alias"] + out["temp"])
+            return memory_plan(self._step.lower(self.abstract_state(), arrays, statics_of(batch)).compile())
 
     def video_encoder(self, state: dict):
         """(pixel_values, grid_thw) of one video -> its tower's output tokens (numpy), with the state's

@@ -180,11 +180,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     return out
 
 
+# The forward primitive of jax.nn.dot_product_attention(implementation="cudnn"): its outputs are the
+# attention output and the softmax statistics that cuDNN's backward reads.
+FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd_wrapper"})
+
+
+def dots_and_fused_attention_saveable(prim, *args, **params) -> bool:
+    """dots_saveable, and also keep the fused attention's forward outputs. Under dots_saveable alone the
+    backward runs cuDNN's attention forward again for its statistics (a custom call is not a dot): about
+    3 % of traser_3b's decoder step on an H100 (BENCHMARKS.md). The cost is one [B, L, heads, head_dim]
+    output and [B, heads, L] statistics per layer. Without cudnn it is dots_saveable."""
+    return prim.name in FUSED_ATTENTION_FORWARD or jax.checkpoint_policies.dots_saveable(prim, *args, **params)
+
+
 def remat_policy(name: str) -> Any:
     """cfg.train.remat as a jax.checkpoint policy ('none' means no remat: returns None)."""
     policies = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                 "dots_saveable": jax.checkpoint_policies.dots_saveable,
-                "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                "dots_and_attention_saveable": dots_and_fused_attention_saveable}
     if name not in policies:
         raise ValueError(f"train.remat {name!r}: expected one of {sorted(policies)}")
     return policies[name]
