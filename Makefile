@@ -26,11 +26,12 @@ demo: $(STAMP)
 demo-tower: $(STAMP)
 	$(PY) -m launch.demo --train-tower
 
+# Two pytest workers (pytest-xdist), each test file on one worker so that its module fixtures run once.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

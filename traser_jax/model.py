@@ -236,6 +236,18 @@ def abstract_params(cfg: Config, boxed: bool = True) -> dict:
     return params if boxed else nn.meta.unbox(params)
 
 
+def shape_mismatch(want: dict, got: dict) -> tuple[str, tuple | None, tuple | None] | None:
+    """The first parameter, by sorted path, whose shape differs between two nested trees (None where a
+    tree lacks it): (its '/'-joined path, the shape in `got`, the shape in `want`); None if all agree."""
+    want, got = traverse_util.flatten_dict(want), traverse_util.flatten_dict(got)
+    for key in sorted(set(want) | set(got)):
+        shape_want = tuple(want[key].shape) if key in want else None
+        shape_got = tuple(got[key].shape) if key in got else None
+        if shape_want != shape_got:
+            return "/".join(key), shape_got, shape_want
+    return None
+
+
 def param_counts(cfg: Config) -> dict[str, int]:
     """{'total', 'vision', 'llm', 'resamplers'} from shapes only (tied lm_head counted once, as HF)."""
     flat = traverse_util.flatten_dict(abstract_params(cfg, boxed=False))

@@ -424,18 +424,17 @@ def load_tower(path: str | Path, cfg: Config) -> dict:
     """`save_tower`'s tower as float32 parameters, checked against the config's vision tower."""
     from flax import traverse_util
 
-    from traser_jax.model import abstract_params
+    from traser_jax.model import abstract_params, shape_mismatch
 
     with np.load(path) as npz:
-        got = {tuple(key.split("/")): np.asarray(npz[key], np.float32) for key in npz.files}
-    want = traverse_util.flatten_dict(abstract_params(cfg, boxed=False)["vision"])
-    for key in sorted(set(want) | set(got)):
-        shape_want = tuple(want[key].shape) if key in want else None
-        shape_got = got[key].shape if key in got else None
-        if shape_want != shape_got:
-            raise ValueError(f"{path}: tower parameter {'/'.join(key)} has shape {shape_got}, the config's vision "
-                             f"tower needs {shape_want} (the tower was trained with other vision.* settings)")
-    return traverse_util.unflatten_dict(got)
+        tower = traverse_util.unflatten_dict({tuple(key.split("/")): np.asarray(npz[key], np.float32)
+                                              for key in npz.files})
+    mismatch = shape_mismatch(abstract_params(cfg, boxed=False)["vision"], tower)
+    if mismatch:
+        name, shape_got, shape_want = mismatch
+        raise ValueError(f"{path}: tower parameter {name} has shape {shape_got}, the config's vision tower needs "
+                         f"{shape_want} (the tower was trained with other vision.* settings)")
+    return tower
 
 
 def checkpoint_from_tower(cfg: Config, tower_path: str | Path, out_dir: str | Path, seed: int = 0) -> dict:

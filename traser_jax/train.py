@@ -39,7 +39,7 @@ from traser_jax import config as config_lib
 from traser_jax import optim, sharding
 from traser_jax.config import Config
 from traser_jax.data import device_keys
-from traser_jax.model import Traser, abstract_params, embed_batch, init_params
+from traser_jax.model import Traser, abstract_params, embed_batch, init_params, shape_mismatch
 from traser_jax.modules.layers import dtype_of
 from traser_jax.tokens import IGNORE_INDEX
 
@@ -432,14 +432,11 @@ def load_init_params(cfg: Config) -> dict | None:
             _, params = load_checkpoint(path)
     except infer.InferenceError as err:
         raise config_lib.ConfigError(f"train.init_from: {err}") from err
-    want = traverse_util.flatten_dict(abstract_params(cfg, boxed=False))
-    got = traverse_util.flatten_dict(params)
-    for key in sorted(set(want) | set(got)):
-        shape_want = want[key].shape if key in want else None
-        shape_got = tuple(got[key].shape) if key in got else None
-        if shape_want != shape_got:
-            raise config_lib.ConfigError(f"train.init_from {path}: parameter {'/'.join(key)} has shape "
-                                         f"{shape_got}, the config needs {shape_want}")
+    mismatch = shape_mismatch(abstract_params(cfg, boxed=False), params)
+    if mismatch:
+        name, shape_got, shape_want = mismatch
+        raise config_lib.ConfigError(f"train.init_from {path}: parameter {name} has shape {shape_got}, the "
+                                     f"config needs {shape_want}")
     return params
 
 
