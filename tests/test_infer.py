@@ -351,6 +351,9 @@ def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, cap
     with pytest.raises(SystemExit):  # the whole step's breakdown has no meaning without the whole step
         bench.main(["--config", "tiny", "--lm-step-only", "--breakdown"])
     assert "--lm-step-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--config", "tiny", "--memory-plan", "--lm-variant", "batch=2"])
+    assert "--lm-variant" in capsys.readouterr().err
 
 
 def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys):

@@ -688,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.lm_step_only and (args.breakdown or args.memory_plan):
         parser.error("--lm-step-only times the decoder alone; --breakdown and --memory-plan are of the whole step")
+    if args.memory_plan and args.lm_variant:
+        parser.error("--memory-plan runs nothing; --lm-variant times the decoder")
     try:
         cfg = config_lib.load(args.config, args.overrides)
         variants = [lm_variant(args.config, args.overrides, v, args.batch) for v in args.lm_variant]
