@@ -219,8 +219,7 @@ def _scans(jaxpr):
                     yield from _scans(inner)
 
 
-# slow: 49 s on the 2-core machine (session 11); an optional cast mode (train.weight_cast=per_step)
-@pytest.mark.slow
+# 49 s on the 2-core machine (session 11); back in CI since session 14 (two workers), as the GPU runs use per_step
 def test_weight_cast_per_step_gives_the_per_layer_numbers(tmp_path):
     """bf16 compute over float32 weights, two micro-batches, the tower frozen: casting the layer stacks
     once per step (train.weight_cast=per_step) gives the loss and float32 gradients of casting each
