@@ -208,6 +208,19 @@ class ObjectWindows:
     attributes: np.ndarray  # float32 [N, num attributes]
 
 
+def cells_by_window(ys: np.ndarray, xs: np.ndarray, side: int, grid_h: int, grid_w: int
+                    ) -> dict[tuple[int, int], list[int]]:
+    """Merged cells (ys, xs) of a grid_h x grid_w grid grouped by the side x side window they lie in:
+    window (row, column) -> the cells' indices inside it, row-major. Windows the grid's edge cuts off
+    are left out."""
+    in_window: dict[tuple[int, int], list[int]] = {}
+    for y, x in zip(ys, xs):
+        wy, wx = y // side, x // side
+        if (wy + 1) * side <= grid_h and (wx + 1) * side <= grid_w:
+            in_window.setdefault((int(wy), int(wx)), []).append(int((y % side) * side + x % side))
+    return in_window
+
+
 def object_windows(shard_dir: str | Path, cfg: Config, names: list[str] | None = None,
                    attributes: list[str] | None = None, max_windows: int = 4, progress: bool = True
                    ) -> tuple[ObjectWindows, list[str], list[str]]:
@@ -241,11 +254,7 @@ def object_windows(shard_dir: str | Path, cfg: Config, names: list[str] | None =
             t_index, rest = np.divmod(index, grid_h * grid_w)
             ys, xs = np.divmod(rest, grid_w)
             for t in np.unique(t_index):
-                in_window: dict[tuple[int, int], list[int]] = {}
-                for y, x in zip(ys[t_index == t], xs[t_index == t]):
-                    wy, wx = y // side, x // side
-                    if (wy + 1) * side <= grid_h and (wx + 1) * side <= grid_w:
-                        in_window.setdefault((wy, wx), []).append(int((y % side) * side + x % side))
+                in_window = cells_by_window(ys[t_index == t], xs[t_index == t], side, grid_h, grid_w)
                 if not in_window:
                     continue
                 kept = sorted(in_window, key=lambda k: -len(in_window[k]))[:max_windows]
