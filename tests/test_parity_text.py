@@ -134,6 +134,30 @@ def test_remat_gives_the_same_gradients():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
+def test_unrolled_layers_give_the_scanned_logits_cache_and_gradients():
+    """train.unroll_layers emits the layers one after another, over the same stacked parameters: the
+    same logits, KV cache and (rematerialised) gradients as the loop."""
+    cfg = tiny_config()
+    ids, positions, mask = random_batch(cfg, seed=13)
+    loop = TextDecoder(cfg.text, remat="dots_saveable")
+    unrolled = TextDecoder(cfg.text, remat="dots_saveable", unroll_layers=True)
+    params = loop.init(jax.random.key(1), jnp.zeros((2, 12, 64)), positions, mask)["params"]
+
+    def run(module):
+        def loss(p):
+            embeds = module.apply({"params": p}, ids, method=TextDecoder.embed)
+            return jnp.mean(module.apply({"params": p}, embeds, positions, mask)[0] ** 2)
+
+        embeds = module.apply({"params": params}, ids, method=TextDecoder.embed)
+        logits, cache = module.apply({"params": params}, embeds, positions, mask,
+                                     cache=init_cache(cfg.text, 2, 16), cache_index=0)
+        return logits, cache, jax.jit(jax.grad(loss))(params)
+
+    for expected, got in zip(jax.tree.leaves(run(loop)), jax.tree.leaves(run(unrolled))):
+        assert float(jnp.abs(expected).max()) > 0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-7)
+
+
 def test_dots_and_attention_saveable_runs_the_fused_attention_forward_once(monkeypatch):
     """With attention_impl=cudnn, dots_saveable makes the backward run cuDNN's attention forward again
     (its outputs are no dot); dots_and_attention_saveable keeps them, so the gradient's program has one

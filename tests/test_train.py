@@ -272,6 +272,41 @@ def test_weight_cast_per_step_gives_the_per_layer_numbers(tmp_path):
         assert seen == {jnp.dtype(d) for d in want}, (trainer.cfg.train.weight_cast, seen)
 
 
+def test_unrolled_layer_loops_give_the_looped_step(tmp_path):
+    """train.unroll_layers (float32, remat dots_saveable, the tower trained too): no layer loop is left
+    in the step's program, over the same parameter tree, and its loss and gradients are the loops'."""
+    import copy
+
+    from traser_jax import data as data_lib
+    from traser_jax.train import Trainer
+    from train_fixtures import train_overrides, write_toyworld
+
+    data = write_toyworld(tmp_path / "data", num_videos=2)
+    cfg = config_lib.load("tiny", train_overrides(data, tmp_path / "run", "train.compute_dtype=float32",
+                                                  "train.remat=dots_saveable", "data.global_batch_size=2",
+                                                  "optim.lr_vision=1e-5"))
+    batch = next(iter(data_lib.train_dataset(cfg, data_lib.run_tokenizer(cfg))))
+    unrolled_cfg = config_lib.apply_overrides(copy.deepcopy(cfg), {"train.unroll_layers": True})
+    looped, unrolled = Trainer(cfg), Trainer(unrolled_cfg)
+    # Loops in the lowered step: the layer loops' (tower, two resamplers, decoder; forward and backward),
+    # and the micro-batch accumulation's, which is the one left unrolled.
+    loops = {name: trainer.lowered_step(batch).as_text().count("stablehlo.while")
+             for name, trainer in (("looped", looped), ("unrolled", unrolled))}
+    assert loops["looped"] >= 8 and loops["unrolled"] == 1, loops
+
+    state = jax.device_get(looped.init_state(0))
+    loss_a, grads_a = jax.device_get(looped.loss_and_grads(jax.device_put(state, looped.state_shardings), batch))
+    loss_b, grads_b = jax.device_get(unrolled.loss_and_grads(jax.device_put(state, unrolled.state_shardings),
+                                                             batch))
+    assert np.isfinite(loss_a) and abs(float(loss_b) - float(loss_a)) <= 1e-5 * abs(float(loss_a))
+    flat_a, flat_b = traverse_util.flatten_dict(grads_a), traverse_util.flatten_dict(grads_b)
+    assert flat_a.keys() == flat_b.keys() and any(path[0] == "vision" for path in flat_a)
+    for path, a in flat_a.items():
+        assert float(np.abs(a).max()) > 0, path
+        np.testing.assert_allclose(flat_b[path], a, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()),
+                                   err_msg=str(path))
+
+
 def test_cached_vision_tokens_give_the_uncached_step(tmp_path):
     """data.cache_vision_tokens (tower and merger frozen): batches carry the tower's output tokens in place
     of the pixels, and the step computes the same loss and gradients from them (float32)."""

@@ -434,7 +434,8 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     if batch % accum:
         raise ValueError(f"--batch {batch} is not a multiple of data.grad_accum_steps={accum}")
     decoder = TextDecoder(t, dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
-                          remat=cfg.train.remat, attention_impl=cfg.train.attention_impl)
+                          remat=cfg.train.remat, unroll_layers=cfg.train.unroll_layers,
+                          attention_impl=cfg.train.attention_impl)
     ids = jnp.asarray(np.random.default_rng(seed).integers(TEXT_ID_OFFSET, t.vocab_size, (batch, seq)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     mask = jnp.ones((batch, seq), jnp.int32)
@@ -484,7 +485,7 @@ def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int) -> dict[st
     return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
             "num_devices": num_devices, "compute_dtype": cfg.train.compute_dtype,
             "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat, "weight_cast": cfg.train.weight_cast,
-            "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk,
+            "unroll_layers": cfg.train.unroll_layers, "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk,
             "grad_accum_steps": cfg.data.grad_accum_steps, "mu_dtype": cfg.optim.mu_dtype, "batch": batch,
             "seq": seq}
 

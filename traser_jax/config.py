@@ -159,6 +159,10 @@ class TrainConfig:
     # but for a weight a layer uses twice (the resamplers' k/v projections): its two parts are summed
     # in compute_dtype (train.make_grad_fn; tests/test_train.py).
     weight_cast: str = "per_layer"
+    # The layer loops (decoder, vision tower, resamplers) unrolled: the same parameters and results, no
+    # loop, so XLA neither slices the weight stacks nor stacks remat residuals per layer (copies on
+    # GPU), for a compile time about num_layers times longer (modules.layers.scanned).
+    unroll_layers: bool = False
     # Vision tower and decoder attention: einsum (any backend; the parity reference) | xla
     # (jax.nn.dot_product_attention) | cudnn (its fused kernel: NVIDIA GPUs, bf16/fp16 compute).
     attention_impl: str = "einsum"

@@ -87,7 +87,7 @@ class Traser(nn.Module):
         cfg = self.cfg
         check_shapes(cfg)
         kw = dict(dtype=dtype_of(cfg.train.compute_dtype), param_dtype=dtype_of(cfg.train.param_dtype),
-                  remat=cfg.train.remat)
+                  remat=cfg.train.remat, unroll_layers=cfg.train.unroll_layers)
         self.vision = VisionTower(cfg.vision, attention_impl=cfg.train.attention_impl, **kw)
         self.otr_resampler = PerceiverResampler(cfg.resampler, **kw)
         self.twr_resampler = PerceiverResampler(cfg.resampler, **kw)

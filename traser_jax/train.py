@@ -296,16 +296,21 @@ class Trainer:
         with self.context():
             return self._step(state, self.put_batch(batch), statics)
 
-    def memory_plan(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
-        """XLA's plan for the compiled step at this batch's shapes, bytes per device: arguments (state
-        and batch), outputs, the outputs that reuse donated arguments (alias), temporaries, and
-        peak = arguments + outputs - alias + temporaries. Compiles from the abstract state: nothing is
-        allocated, so it says whether a config fits a device before one is at hand."""
+    def lowered_step(self, batch: dict[str, np.ndarray]) -> jax.stages.Lowered:
+        """The step lowered for this batch's shapes from the abstract state: nothing is allocated."""
         arrays = {k: jax.ShapeDtypeStruct(np.shape(batch[k]), np.asarray(batch[k]).dtype,
                                           sharding=self.batch_sharding(np.ndim(batch[k])))
                   for k in device_keys(batch)}
         with self.context():
-            return memory_plan(self._step.lower(self.abstract_state(), arrays, statics_of(batch)).compile())
+            return self._step.lower(self.abstract_state(), arrays, statics_of(batch))
+
+    def memory_plan(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        """XLA's plan for the compiled step at this batch's shapes, bytes per device: arguments (state
+        and batch), outputs, the outputs that reuse donated arguments (alias), temporaries, and
+        peak = arguments + outputs - alias + temporaries. Compiles from the abstract state, so it says
+        whether a config fits a device before one is at hand."""
+        with self.context():
+            return memory_plan(self.lowered_step(batch).compile())
 
     def video_encoder(self, state: dict):
         """(pixel_values, grid_thw) of one video -> its tower's output tokens (numpy), with the state's

@@ -204,10 +204,17 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
-def scanned(block: type[nn.Module], length: int, remat: str, in_axes: tuple) -> type:
-    """`block` stacked `length` times with nn.scan (params on a leading 'layers' axis), optionally rematted."""
+def scanned(block: type[nn.Module], length: int, remat: str, in_axes: tuple, unroll: bool = False) -> type:
+    """`block` stacked `length` times with nn.scan (params on a leading 'layers' axis), optionally rematted.
+
+    unroll (train.unroll_layers) emits the `length` layers one after another instead of a loop, with the
+    same parameters: no per-layer slices of the weight stacks and no stacked remat residuals, which the
+    loop copies on GPU (BENCHMARKS.md), at the price of a program `length` times longer to compile."""
     policy = remat_policy(remat)
     if remat != "none":
-        block = nn.remat(block, prevent_cse=False, policy=policy)
+        # Inside a loop, the forward and the backward's recompute are different loop bodies; unrolled,
+        # they are one program, and XLA would merge the recompute into the forward (keeping everything).
+        block = nn.remat(block, prevent_cse=unroll, policy=policy)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                   length=length, metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+                   length=length, unroll=length if unroll else 1,
+                   metadata_params={nn.PARTITION_NAME: sh.LAYERS})

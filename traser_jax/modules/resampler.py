@@ -77,6 +77,7 @@ class PerceiverResampler(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, context: jax.Array, context_segment: jax.Array, num_segments: int,
@@ -98,7 +99,8 @@ class PerceiverResampler(nn.Module):
         latents = jnp.broadcast_to(latents.astype(self.dtype), (context.shape[0], num_segments, *latents.shape))
         ctx_mask = context_segment[:, None, :] == jnp.arange(num_segments, dtype=context_segment.dtype)[:, None]
         context = nn.with_logical_constraint(context.astype(self.dtype), (sh.ACT_BATCH, sh.ACT_TOKENS, sh.ACT_EMBED))
-        layers = scanned(PerceiverLayer, cfg.depth, self.remat, in_axes=(nn.broadcast, nn.broadcast))
+        layers = scanned(PerceiverLayer, cfg.depth, self.remat, in_axes=(nn.broadcast, nn.broadcast),
+                         unroll=self.unroll_layers)
         latents, weights = layers(cfg, self.dtype, self.param_dtype, return_attention, name="layers")(
             latents, context, ctx_mask)
         out = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(latents)

@@ -83,6 +83,7 @@ class TextDecoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    unroll_layers: bool = False
     attention_impl: str = "einsum"
 
     def setup(self):
@@ -92,7 +93,8 @@ class TextDecoder(nn.Module):
                              f"{cfg.num_kv_heads}: need hidden % heads == 0 and heads % kv_heads == 0")
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                      embedding_init=normal_init((sh.VOCAB, sh.EMBED)), name="embed_tokens")
-        blocks = scanned(DecoderLayer, cfg.num_layers, self.remat, in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast))
+        blocks = scanned(DecoderLayer, cfg.num_layers, self.remat, in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
+                         unroll=self.unroll_layers)
         self.layers = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")
         if not cfg.tie_word_embeddings:

@@ -163,6 +163,7 @@ class VisionTower(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
+    unroll_layers: bool = False
     attention_impl: str = "einsum"
 
     @nn.compact
@@ -186,7 +187,8 @@ class VisionTower(nn.Module):
         bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
         if bad:
             raise ValueError(f"vision.fullatt_block_indexes {bad} outside 0..{cfg.depth - 1}")
-        blocks = scanned(VisionBlock, cfg.depth, self.remat, in_axes=(nn.broadcast,) * 6 + (0,))
+        blocks = scanned(VisionBlock, cfg.depth, self.remat, in_axes=(nn.broadcast,) * 6 + (0,),
+                         unroll=self.unroll_layers)
         x, _ = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="blocks")(
             x, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(layout.window_groups),
             jnp.asarray(layout.window_inverse), jnp.asarray(layout.frame_groups),
