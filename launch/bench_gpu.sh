@@ -84,15 +84,16 @@ for FLAG in ${XLA_FLAG_VARIANTS:---xla_gpu_enable_dynamic_slice_fusion=true}; do
 done
 
 # 5. If the time allows: the whole step at batch 2 (69 GiB planned on an H100), unrolled if step 3's
-#    unrolled row at batch 2 was faster than its loop.
-UNROLL=$("$PY" - "$OUT_DIR/main.json" <<'PY'
+#    unrolled row at batch 2 was faster than its loop (read from the log: a run cut short has its rows).
+UNROLL=$("$PY" - "$OUT_DIR/main.log" <<'PY'
 import json, sys
-try:
-    report = json.load(open(sys.argv[1]))
-    row = next(r for r in report.get("lm_variants", []) if r.get("variant") == "train.unroll_layers=true")
-    print("true" if row["tokens_per_s"] > report["lm_step"]["tokens_per_s"] else "false")
-except Exception:  # noqa: BLE001 - no report or no such row: the loop
-    print("false")
+rows = {}
+for line in open(sys.argv[1]):
+    for tag in ("lm step: ", "lm variant: "):
+        if line.startswith(tag):
+            row = json.loads(line[len(tag):])
+            rows[row.get("variant", "")] = row.get("tokens_per_s", 0)
+print("true" if rows.get("train.unroll_layers=true", 0) > rows.get("", float("inf")) else "false")
 PY
 )
 LEFT=$(( ${BUDGET:-570} - SECONDS ))

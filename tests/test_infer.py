@@ -347,7 +347,7 @@ def test_lm_step_only_times_the_decoder_alone_against_the_baseline(tmp_path, cap
     # about 1e-3 off, so this tolerance sees an accumulation that drops a micro-batch
     assert accum["loss"] == pytest.approx(lm["loss"], rel=1e-5) and accum["planned_peak_gib"] > 0
     assert first["loss"] != pytest.approx(lm["loss"], rel=1e-4)
-    assert captured.err.count("lm variant: ") == 3  # each row printed as it came
+    assert captured.err.count("lm variant: ") == 3 and captured.err.count("lm step: ") == 1  # as they came
     assert "decoder alone" in captured.err and "the baseline's language model" in captured.err
     assert lm["profile_by_kind"]["total"] > 0 and lm["profile_top"]  # the decoder's steps were traced
     assert list((tmp_path / "trace").glob("plugins/profile/*/perfetto_trace.json.gz"))

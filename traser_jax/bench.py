@@ -726,6 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lm_step_only:
             report = lm_step_report(cfg, seq=args.seq, batch=args.batch, steps=args.steps, warmup=args.warmup,
                                     seed=args.seed, profile_dir=Path(args.profile) if args.profile else None)
+            # in the log before any variant, as the variants' rows: a run cut short still has it
+            row = {k: v for k, v in report["lm_step"].items() if not k.startswith("profile")}
+            print(f"lm step: {json.dumps(row)}", file=sys.stderr, flush=True)
         else:
             report = bench(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
                            object_cells=cells, batch=args.batch, steps=args.steps, warmup=args.warmup,
