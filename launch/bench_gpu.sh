@@ -13,11 +13,12 @@
 #    once more at batch 1 (the baseline's line is in main.log);
 # 4. if the time allows, the decoder alone at batch 2 and 3 under each of XLA_FLAG_VARIANTS
 #    (space-separated; one process each, as XLA reads its flags once per process);
-# 5. if the time allows, the whole traser_3b step at batch 2 (32 frames at 448 px, 8 objects) with
-#    DECODER's settings, and the layer loops unrolled if that was faster in step 3.
+# 5. if the time allows, the faster of step 3's batch-2 decoders (looped or unrolled) profiled;
+# 6. if the time allows, the whole traser_3b step at batch 2 (32 frames at 448 px, 8 objects) with
+#    DECODER's settings, looped or unrolled as step 5.
 # Every step's log and JSON report land in OUT_DIR. PYTHON picks the interpreter (default python3);
 # SMOKE_TIMEOUT / MAIN_TIMEOUT bound steps 2-3 in seconds, so one hang cannot eat the whole lease;
-# steps 4 and 5 run only while the script is inside BUDGET seconds (default 570). Within a 15-minute
+# steps 4 to 6 run only while the script is inside BUDGET seconds (default 570). Within a 15-minute
 # lease on an H100: SMOKE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 MAIN_TIMEOUT=330 BUDGET=545.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,8 +84,8 @@ for FLAG in ${XLA_FLAG_VARIANTS:---xla_gpu_enable_dynamic_slice_fusion=true}; do
         train.attention_impl=$IMPL "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/lm_$NAME.log"
 done
 
-# 5. If the time allows: the whole step at batch 2 (69 GiB planned on an H100), unrolled if step 3's
-#    unrolled row at batch 2 was faster than its loop (read from the log: a run cut short has its rows).
+# 5. and 6. use the faster of step 3's batch-2 rows, looped or unrolled (read from the log: a run cut
+#    short has its rows).
 UNROLL=$("$PY" - "$OUT_DIR/main.log" <<'PY'
 import json, sys
 rows = {}
@@ -96,6 +97,18 @@ for line in open(sys.argv[1]):
 print("true" if rows.get("train.unroll_layers=true", 0) > rows.get("", float("inf")) else "false")
 PY
 )
+
+# 5. If the time allows: that decoder at batch 2 once more, its device time traced and split by kernel
+#    kind (lm_b2_profile.json; the trace in OUT_DIR/trace): what is left after the copies.
+LEFT=$(( ${BUDGET:-570} - SECONDS ))
+if [ "$LEFT" -gt 100 ]; then
+    echo "== decoder alone, batch 2, train.unroll_layers=$UNROLL, profiled (${LEFT} s left)"
+    timeout "$LEFT" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 2 --steps 8 --warmup 2 \
+        --lm-step-only --profile "$OUT_DIR/trace" --out "$OUT_DIR/lm_b2_profile.json" train.attention_impl=$IMPL \
+        "${DECODER[@]}" train.unroll_layers=$UNROLL 2>&1 | tee "$OUT_DIR/lm_b2_profile.log"
+fi
+
+# 6. If the time allows: the whole step at batch 2 (69 GiB planned on an H100), the same way.
 LEFT=$(( ${BUDGET:-570} - SECONDS ))
 if [ "$LEFT" -gt 100 ]; then
     echo "== whole step, batch 2, train.unroll_layers=$UNROLL (${LEFT} s left)"
