@@ -19,10 +19,11 @@ import pytest
 from train_fixtures import REPO, SHARDED_MIN_SIZE, subprocess_env, write_toyworld
 
 TOLERANCE = 1e-5
-# (data, fsdp, tensor[, grad_accum_steps[, loss_chunk]]): pure data parallel, FSDP, and FSDP x tensor
-# with accumulation over 2 micro-batches of 4 and the loss in chunks of 16 positions (against one
-# device without accumulation, the loss over whole sequences).
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2, 2, 16)]
+# (data, fsdp, tensor[, grad_accum_steps[, loss_chunk[, unroll_layers]]]): pure data parallel, FSDP,
+# FSDP x tensor with accumulation over 2 micro-batches of 4 and the loss in chunks of 16 positions
+# (against one device without accumulation, the loss over whole sequences), and FSDP x tensor with the
+# layer loops unrolled (against the loops).
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2, 2, 16), (1, 4, 2, 1, 0, 1)]
 SLOW_MESHES = [(2, 2, 2), (1, 8, 1), (1, 4, 2), (4, 1, 2)]
 
 
@@ -67,7 +68,8 @@ def check(report: dict) -> None:
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "data{}-fsdp{}-tensor{}".format(*m) +
-                         (f"-accum{m[3]}" if len(m) > 3 else "") + (f"-losschunk{m[4]}" if len(m) > 4 else ""))
+                         (f"-accum{m[3]}" if len(m) > 3 else "") + (f"-losschunk{m[4]}" if len(m) > 4 else "") +
+                         ("-unrolled" if len(m) > 5 and m[5] else ""))
 def test_sharded_step_matches_one_device(reports, mesh):
     check(reports[mesh])
     assert reports[mesh]["grad_accum_steps"] == (mesh[3] if len(mesh) > 3 else 1)

@@ -3,7 +3,8 @@ subprocesses, and the sharded-versus-single-device comparison (run in a process 
 the 8 fake CPU devices must be requested before jax is imported).
 
     python tests/train_fixtures.py sharding DATA_DIR RUN_DIR MESH [MESH ...]
-        (MESH: data,fsdp,tensor[,grad_accum_steps]) prints one JSON line per mesh (see `compare_sharded`).
+        (MESH: data,fsdp,tensor[,grad_accum_steps[,loss_chunk[,unroll_layers]]]) prints one JSON line
+        per mesh (see `compare_sharded`).
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def _unsharded(state) -> list[str]:
 
 
 def compare_sharded(data_dir: str, run_dir: str, meshes: list[tuple[int, ...]]) -> list[dict]:
-    """For each (data, fsdp, tensor[, grad_accum_steps[, loss_chunk]]) mesh over the 8 devices: the loss and gradients
+    """For each (data, fsdp, tensor[, grad_accum_steps[, loss_chunk[, unroll_layers]]]) mesh over the 8 devices: the
+    loss and gradients
     of one batch of 8 videos next to the single-device ones (one step, from the same state), the
     parameters the rules cannot shard on it, and the large state arrays left whole."""
     import jax
@@ -115,10 +117,11 @@ def compare_sharded(data_dir: str, run_dir: str, meshes: list[tuple[int, ...]]) 
     host_state = jax.device_get(one.init_state(cfg.train.seed))
     ref_loss, ref_grads = jax.device_get(one.loss_and_grads(jax.device_put(host_state, one.state_shardings), batch))
     reports = []
-    for data, fsdp, tensor, accum, loss_chunk in (tuple(m) + (1, 0)[len(m) - 3:] for m in meshes):
+    for data, fsdp, tensor, accum, loss_chunk, unroll in (tuple(m) + (1, 0, 0)[len(m) - 3:] for m in meshes):
         mesh_cfg = config_lib.MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
         accum_cfg = config_lib.apply_overrides(copy.deepcopy(cfg), {"data.grad_accum_steps": accum,
-                                                                    "train.loss_chunk": loss_chunk})
+                                                                    "train.loss_chunk": loss_chunk,
+                                                                    "train.unroll_layers": bool(unroll)})
         trainer = Trainer(accum_cfg, make_mesh(mesh_cfg))
         state = jax.device_put(host_state, trainer.state_shardings)
         loss, grads = trainer.loss_and_grads(state, batch)
@@ -127,6 +130,7 @@ def compare_sharded(data_dir: str, run_dir: str, meshes: list[tuple[int, ...]]) 
         reports.append({
             "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
             "grad_accum_steps": accum_cfg.data.grad_accum_steps, "loss_chunk": accum_cfg.train.loss_chunk,
+            "unroll_layers": accum_cfg.train.unroll_layers,
             "devices_used": len({d.id for d in trainer.mesh.devices.flat}),
             "loss": float(loss), "ref_loss": float(ref_loss),
             "grad_rel_errors": flat_errors,
