@@ -9,10 +9,10 @@
 # 3. the main run: the Hugging Face PyTorch baseline (../shared/bench/hf_torch_baseline.py) on the same
 #    card, then in one process traser_3b's decoder alone (--lm-step-only) at batch 2 x 4096 tokens with
 #    the settings that were fastest on an H100 (DECODER, below; the preset's remat) and the LM_VARIANTS:
-#    the layer loops unrolled (train.unroll_layers), batch 3, both; if it fails, the decoder alone
+#    the layer loops unrolled (train.unroll_layers), batch 3 unrolled, batch 3 looped; if it fails, the decoder alone
 #    once more at batch 1 (the baseline's line is in main.log);
-# 4. if the time allows, the decoder alone at batch 2 and 3 under each of XLA_FLAG_VARIANTS
-#    (space-separated; one process each, as XLA reads its flags once per process);
+# 4. if the time allows, the decoder alone at batch 2 under each of XLA_FLAG_VARIANTS (none by default;
+#    space-separated; one process each, as XLA reads its flags once per process);
 # 5. if the time allows, the faster of step 3's batch-2 decoders (looped or unrolled) profiled;
 # 6. if the time allows, the whole traser_3b step at batch 2 (32 frames at 448 px, 8 objects) with
 #    DECODER's settings, looped or unrolled as step 5.
@@ -51,13 +51,14 @@ if [ "${SMOKE:-1}" != 0 ]; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || { IMPL=xla; echo "== smoke failed with cudnn: the other runs use $IMPL"; }
 fi
 
-# 3. Batch 2 with DECODER's settings was the best on an H100 (59 GiB planned); batch 3 may fit (about
-#    65 GiB). Unrolled layer loops remove the loops' copies of weight slices and stacked remat
-#    residuals (23 ms of a 378 ms step there) for a longer compile; their memory plan is in each row.
+# 3. Batch 2 with DECODER's settings was the best on an H100 (59 GiB planned). Unrolled layer loops
+#    remove the loops' copies of weight slices and stacked remat residuals (23 ms of a 378 ms step
+#    there). Compiled for an H100 without one (BENCHMARKS.md), the unrolled step has none of those
+#    copies and plans 59.0 GiB at batch 2 and 69.8 GiB at batch 3, as the loop (59.2 and 69.7 GiB).
 LM_VARIANTS=(
     "train.unroll_layers=true"
-    "batch=3"
     "batch=3 train.unroll_layers=true"
+    "batch=3"
 )
 VARIANT_ARGS=()
 for V in "${LM_VARIANTS[@]}"; do VARIANT_ARGS+=(--lm-variant "$V"); done
@@ -72,16 +73,17 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
         "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/main_b1.log"
 fi
 
-# 4. If the time allows: XLA flags that may remove the same copies inside the loops (dynamic-slice
-#    fusion lets a GEMM read and write its operands at an offset in a stack).
-for FLAG in ${XLA_FLAG_VARIANTS:---xla_gpu_enable_dynamic_slice_fusion=true}; do
+# 4. If the time allows, and only with XLA_FLAG_VARIANTS set (space-separated): the decoder alone at batch
+#    2 under each, one process each (XLA reads its flags once per process). The dynamic-slice fusion
+#    flag, the last lease's guess at the copies, leaves the compiled step as it is (BENCHMARKS.md).
+for FLAG in ${XLA_FLAG_VARIANTS:-}; do
     LEFT=$(( ${BUDGET:-570} - SECONDS ))
     [ "$LEFT" -gt 90 ] || break
     NAME=$(echo "$FLAG" | tr -c 'a-z0-9\n' '_' | sed 's/^_*//')
-    echo "== decoder alone, batch 2 and 3, XLA_FLAGS=$FLAG (${LEFT} s left)"
+    echo "== decoder alone, batch 2, XLA_FLAGS=$FLAG (${LEFT} s left)"
     XLA_FLAGS="$FLAG" timeout "$LEFT" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 2 --steps 8 \
-        --warmup 2 --lm-step-only --lm-variant "batch=3" --out "$OUT_DIR/lm_$NAME.json" \
-        train.attention_impl=$IMPL "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/lm_$NAME.log"
+        --warmup 2 --lm-step-only --out "$OUT_DIR/lm_$NAME.json" train.attention_impl=$IMPL "${DECODER[@]}" \
+        2>&1 | tee "$OUT_DIR/lm_$NAME.log"
 done
 
 # 5. and 6. use the faster of step 3's batch-2 rows, looped or unrolled (read from the log: a run cut

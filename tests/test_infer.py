@@ -384,6 +384,44 @@ def test_memory_plan_counts_the_state_and_shrinks_with_the_loss_in_chunks(capsys
     assert plans[128]["temp"] < plans[0]["temp"] / 2
 
 
+def test_memory_plan_of_the_decoder_alone_and_for_a_gpu_without_one(capsys):
+    """`bench --lm-step-only --memory-plan` plans the decoder-alone step: its arguments hold the decoder's
+    parameters and optimizer state, its temporaries at least the float32 logits (2 x 1,024 positions x
+    32,768 words). `--gpu-target` compiles for the GPU a target config describes (configs/gpu/h100.pbtxt)
+    where jax's CUDA plugin is installed, and otherwise says that it needs the plugin."""
+    import importlib.util
+
+    argv = ["--config", "tiny", "--seq", "1024", "--batch", "2", "--lm-step-only", "--memory-plan",
+            "text.vocab_size=32768", "train.compute_dtype=float32"]
+    assert bench.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "step_s" not in report and report["backend"] == "cpu"
+    plan = report["lm_step"]["memory_plan_gib"]
+    cfg = config_lib.load("tiny", ["text.vocab_size=32768"])
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("one",)),
+                                          jax.sharding.PartitionSpec())
+    _, params, opt_state, _ = bench.lm_step_program(cfg, seq=1024, batch=2, sharding=sharding)
+    state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, opt_state))) / 2 ** 30
+    # the report rounds to 1/1000 GiB
+    assert plan["argument"] >= state_gib - 5e-4 and plan["temp"] >= 2 * 1024 * 32768 * 4 / 2 ** 30 - 5e-4
+
+    gpu = ["--gpu-target", str(REPO / "configs" / "gpu" / "h100.pbtxt")]
+    with pytest.raises(SystemExit):  # it compiles; it cannot run
+        bench.main(["--config", "tiny", "--lm-step-only", *gpu])
+    assert "--memory-plan" in capsys.readouterr().err
+    plugin = importlib.util.find_spec("jax_plugins") is not None and any(
+        importlib.util.find_spec(f"jax_plugins.xla_{cuda}") for cuda in ("cuda12", "cuda13"))
+    argv = ["--config", "tiny", "--seq", "256", "--batch", "2", "--lm-step-only", "--memory-plan", *gpu]
+    if plugin:  # in a process of its own: the plugin must load before jax's backends start
+        proc = subprocess.run([sys.executable, "-m", "traser_jax.bench", *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert proc.returncode == 0 and report["device"] == "NVIDIA H100 80GB HBM3"
+        assert report["lm_step"]["memory_plan_gib"]["argument"] > 0
+    else:
+        assert bench.main(argv) == 2 and "CUDA plugin" in capsys.readouterr().err
+
+
 def test_trace_summary_counts_self_time_of_device_events_per_step(tmp_path):
     """bench.trace_summary on a Perfetto trace the test writes (device lanes as a GPU trace names them):
     an enclosing wrapper keeps only its self time, host lanes do not count; time is per step and lane."""

@@ -214,3 +214,22 @@ def test_fused_attention_takes_lengths_for_the_mask(causal):
     fused = attention(q, k, v, mask, kv_lengths=lengths, causal=causal, impl="xla")
     assert rel_err(np.asarray(fused), np.asarray(ref)) <= 1e-6
     assert rel_err(np.asarray(attention(q, k, v, mask, impl="xla")), np.asarray(ref)) <= 1e-6
+
+
+def test_fused_attention_lengths_batch_under_vmap(monkeypatch):
+    """Lengths that do not depend on the vmapped input (the vision tower's window layout, the same for
+    every video) trace through cuDNN's batching rule under the model's vmap over videos: jax 0.10's rule
+    otherwise reshapes them to the batched queries' row count and fails. Traced on CPU, as above."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from traser_jax.modules.layers import attention
+    monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: True)
+    q = jnp.zeros((3, 4, 16, 2, 64), jnp.bfloat16)  # 3 videos of 4 windows of 16 tokens
+    lengths = jnp.array([16, 9, 16, 5])
+
+    def one_video(x):
+        return attention(x, x, x, None, kv_lengths=lengths, impl="cudnn")
+    program = jax.make_jaxpr(jax.vmap(one_video))(q)
+    assert "dot_product_attention_fwd" in str(program)
+    assert program.out_avals[0].shape == q.shape

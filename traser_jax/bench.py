@@ -413,22 +413,22 @@ def _self_times(events: list[dict]) -> list[tuple[dict, float]]:
     return out
 
 
-def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, peak: float | None,
-                 seed: int = 0, profile_dir: Path | None = None) -> dict[str, Any]:
+def lm_step_program(cfg: Config, *, seq: int, batch: int, seed: int = 0, sharding=None):
     """The decoder alone, trained as the PyTorch baseline trains its language model: `batch` x `seq`
     random token ids, next-token loss on every position, the training optimizer over the decoder (its
-    `llm` group), the config's dtypes, remat, weight cast, attention and gradient accumulation
-    (`data.grad_accum_steps` micro-batches of batch / accum videos, as the whole step); one device.
-    Median seconds of `steps` steps after `warmup`, tokens/s, and MFU over the decoder's model FLOPs
-    against `peak` FLOP/s; with `profile_dir`, 3 more steps traced (`profile_runs`)."""
+    `llm` group), the config's dtypes, remat, weight cast, layer loops, attention and gradient
+    accumulation (`data.grad_accum_steps` micro-batches of batch / accum videos, as the whole step).
+
+    Returns (step, params, opt_state, batch): step(params, opt_state, batch) -> (params, opt_state, loss),
+    to jit with the state donated. With `sharding` (one device's, maybe a GPU compiled for without one),
+    params, opt_state and batch are abstract shapes placed there and nothing is allocated."""
     import flax.linen as nn
     import optax
 
     from traser_jax import optim
     from traser_jax.modules.layers import dtype_of
     from traser_jax.modules.text import TextDecoder
-    from traser_jax.train import (cast_layer_stacks, mean_over_micro_batches, memory_plan, micro_batches,
-                                  sequence_loss)
+    from traser_jax.train import cast_layer_stacks, mean_over_micro_batches, micro_batches, sequence_loss
 
     t, accum = cfg.text, cfg.data.grad_accum_steps
     if batch % accum:
@@ -438,10 +438,13 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
                           attention_impl=cfg.train.attention_impl)
     ids = jnp.asarray(np.random.default_rng(seed).integers(TEXT_ID_OFFSET, t.vocab_size, (batch, seq)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    mask = jnp.ones((batch, seq), jnp.int32)
+    tokens = {"ids": ids, "positions": positions, "mask": jnp.ones((batch, seq), jnp.int32)}
     embeds = jnp.zeros((1, seq, t.hidden_size), dtype_of(cfg.train.compute_dtype))
-    params = {"llm": nn.meta.unbox(jax.jit(decoder.init)(jax.random.key(seed), embeds, positions[:1], mask[:1])["params"])}
+    init = functools.partial(decoder.init, jax.random.key(seed), embeds, positions[:1], tokens["mask"][:1])
+    variables = jax.eval_shape(init) if sharding is not None else jax.jit(init)()
+    params = {"llm": nn.meta.unbox(variables["params"])}
     tx = optim.make_optimizer(cfg.optim, params)
+    opt_state = jax.eval_shape(tx.init, params) if sharding is not None else tx.init(params)
 
     def summed_loss(p, mb):
         apply = functools.partial(decoder.apply, {"params": p["llm"]})
@@ -451,18 +454,31 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
 
     cast = cast_layer_stacks(cfg)  # the decoder's stacks sit at the same paths as in the whole model
     value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
-    micro = micro_batches({"ids": ids, "positions": positions, "mask": mask}, accum)
 
-    def step(p, opt_state):
-        loss, grads, _ = mean_over_micro_batches(value_and_grad, cast(p), p, micro)
+    def step(p, opt_state, b):
+        loss, grads, _ = mean_over_micro_batches(value_and_grad, cast(p), p, micro_batches(b, accum))
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    held = {"state": (params, tx.init(params))}  # each step donates the state it is given
-    step = jax.jit(step, donate_argnums=(0, 1)).lower(*held["state"]).compile()
+    if sharding is not None:
+        params, opt_state, tokens = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), (params, opt_state, tokens))
+    return step, params, opt_state, tokens
+
+
+def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, peak: float | None,
+                 seed: int = 0, profile_dir: Path | None = None) -> dict[str, Any]:
+    """`lm_step_program` on the default device: median seconds of `steps` steps after `warmup`,
+    tokens/s, and MFU over the decoder's model FLOPs against `peak` FLOP/s; with `profile_dir`, 3 more
+    steps traced (`profile_runs`)."""
+    from traser_jax.train import memory_plan
+
+    step, params, opt_state, tokens = lm_step_program(cfg, seq=seq, batch=batch, seed=seed)
+    held = {"state": (params, opt_state)}  # each step donates the state it is given
+    step = jax.jit(step, donate_argnums=(0, 1)).lower(*held["state"], tokens).compile()
 
     def run():
-        new_params, opt_state, held["loss"] = step(*held["state"])
+        new_params, opt_state, held["loss"] = step(*held["state"], tokens)
         held["state"] = (new_params, opt_state)
         return held["loss"]
 
@@ -480,12 +496,16 @@ def time_lm_step(cfg: Config, *, seq: int, batch: int, steps: int, warmup: int, 
     return report
 
 
-def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int) -> dict[str, Any]:
-    """What every report starts with: the config, the machine, and the settings that change a step's speed."""
-    return {"config": cfg.name, "backend": jax.default_backend(), "device": device_name(jax.devices()[0]),
+def run_facts(cfg: Config, *, batch: int, seq: int, num_devices: int,
+              device: jax.Device | None = None) -> dict[str, Any]:
+    """What every report starts with: the config, the machine (`device`, default the first local one),
+    and the settings that change a step's speed."""
+    device = device or jax.devices()[0]
+    return {"config": cfg.name, "backend": device.platform, "device": device_name(device),
             "num_devices": num_devices, "compute_dtype": cfg.train.compute_dtype,
             "param_dtype": cfg.train.param_dtype, "remat": cfg.train.remat, "weight_cast": cfg.train.weight_cast,
-            "unroll_layers": cfg.train.unroll_layers, "attention_impl": cfg.train.attention_impl, "loss_chunk": cfg.train.loss_chunk,
+            "unroll_layers": cfg.train.unroll_layers, "attention_impl": cfg.train.attention_impl,
+            "loss_chunk": cfg.train.loss_chunk,
             "grad_accum_steps": cfg.data.grad_accum_steps, "mu_dtype": cfg.optim.mu_dtype, "batch": batch,
             "seq": seq}
 
@@ -604,17 +624,51 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     return report
 
 
+def gpu_target_devices(target_config: Path) -> list[jax.Device]:
+    """One device of the GPU that an XLA target config describes (a `gpu_device_info` text proto, e.g.
+    configs/gpu/h100.pbtxt), to compile for without one: needs jax's CUDA plugin installed."""
+    import os
+
+    from jax.experimental import topologies
+
+    # Without a GPU the plugin cannot query the CUDA libraries' versions; compiling needs none of them.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                                target_config=Path(target_config).read_text())
+    except (NotImplementedError, RuntimeError) as err:
+        raise ValueError(f"--gpu-target needs jax's CUDA plugin (pip install 'jax[cuda13]'), loaded before anything "
+                         f"else starts jax's backends: {err}") from err
+    return list(topology.devices)
+
+
 def memory_plan_report(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_cells: int,
-                       batch: int, seed: int = 0) -> dict[str, Any]:
-    """XLA's memory plan of the train step at these shapes (Trainer.memory_plan), GiB per device."""
-    from traser_jax.train import Trainer
+                       batch: int, seed: int = 0, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """XLA's memory plan of the train step at these shapes (Trainer.memory_plan), GiB per device, on
+    `devices` (default the local ones; maybe a GPU compiled for without one, `gpu_target_devices`)."""
+    from traser_jax.train import Trainer, make_mesh
 
     batch_np, sizes = synthetic_batch(cfg, seq=seq, frames=frames, res=res, objects=objects,
                                       object_cells=object_cells, batch=batch, seed=seed)
-    plan = Trainer(cfg).memory_plan(batch_np)
-    return {**run_facts(cfg, batch=batch, seq=seq, num_devices=jax.device_count()),
+    devices = list(devices or jax.devices())
+    plan = Trainer(cfg, make_mesh(cfg.mesh, devices=devices)).memory_plan(batch_np)
+    return {**run_facts(cfg, batch=batch, seq=seq, num_devices=len(devices), device=devices[0]),
             "frames": frames, "res": res, "objects": objects, "selected_tokens": sizes["selected"],
             "memory_plan_gib": {k: round(v / 2 ** 30, 3) for k, v in plan.items()}}
+
+
+def lm_memory_plan_report(cfg: Config, *, seq: int, batch: int, device: jax.Device | None = None) -> dict[str, Any]:
+    """XLA's memory plan of the decoder-alone step (`lm_step_program`), GiB, on one `device`."""
+    from traser_jax.train import memory_plan
+
+    device = device or jax.devices()[0]
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("one",)),
+                                          jax.sharding.PartitionSpec())
+    step, params, opt_state, tokens = lm_step_program(cfg, seq=seq, batch=batch, sharding=sharding)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    plan = memory_plan(compiled)
+    return {**run_facts(cfg, batch=batch, seq=seq, num_devices=1, device=device),
+            "lm_step": {"memory_plan_gib": {k: round(v / 2 ** 30, 3) for k, v in plan.items()}}}
 
 
 def _sig(x: float) -> float:
@@ -679,18 +733,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lm-variant", action="append", default=[], metavar="'[batch=N] KEY=VALUE ...'",
                         help="after the report, also time the decoder alone with these overrides on top of the "
                              "command's (and batch=N videos); repeatable, all in this one process: lm_variants")
+    parser.add_argument("--gpu-target", default=None, metavar="PBTXT",
+                        help="with --memory-plan: compile for the GPU this XLA target config describes (e.g. "
+                             "configs/gpu/h100.pbtxt) without one; needs jax's CUDA plugin")
     parser.add_argument("--memory-plan", action="store_true",
-                        help="only compile the step and report XLA's memory plan per device (arguments, outputs, "
-                             "temporaries, peak; GiB) without allocating or running anything")
+                        help="only compile the step (with --lm-step-only: the decoder's) and report XLA's memory "
+                             "plan per device (arguments, outputs, temporaries, peak; GiB) without allocating or "
+                             "running anything")
     parser.add_argument("--baseline", action="store_true",
                         help="first run the PyTorch baseline (GPU) with the same seq / frames / res")
     parser.add_argument("--baseline-script", default=str(BASELINE_SCRIPT))
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    if args.lm_step_only and (args.breakdown or args.memory_plan):
-        parser.error("--lm-step-only times the decoder alone; --breakdown and --memory-plan are of the whole step")
+    if args.lm_step_only and args.breakdown:
+        parser.error("--lm-step-only times the decoder alone; --breakdown is of the whole step")
     if args.memory_plan and args.lm_variant:
         parser.error("--memory-plan runs nothing; --lm-variant times the decoder")
+    if args.gpu_target and not args.memory_plan:
+        parser.error("--gpu-target compiles without a GPU: it goes with --memory-plan")
     try:
         cfg = config_lib.load(args.config, args.overrides)
         variants = [lm_variant(args.config, args.overrides, v, args.batch) for v in args.lm_variant]
@@ -701,8 +761,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = args.object_cells or max(1, (args.res // cell) ** 2 // 8)
     if args.memory_plan:
         try:
-            report = memory_plan_report(cfg, seq=args.seq, frames=args.frames, res=args.res, objects=args.objects,
-                                        object_cells=cells, batch=args.batch, seed=args.seed)
+            devices = gpu_target_devices(Path(args.gpu_target)) if args.gpu_target else jax.devices()
+            if args.lm_step_only:
+                report = lm_memory_plan_report(cfg, seq=args.seq, batch=args.batch, device=devices[0])
+            else:
+                report = memory_plan_report(cfg, seq=args.seq, frames=args.frames, res=args.res,
+                                            objects=args.objects, object_cells=cells, batch=args.batch,
+                                            seed=args.seed, devices=devices[:1] if args.gpu_target else None)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -6,6 +6,7 @@ embeddings computed in float32 with HF's rotate-half layout.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -154,8 +155,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
         q4, k4, v4 = (t.reshape(flat, *t.shape[len(batch):]) for t in (q, k, v))
         if kv_lengths is not None:
             lengths = jnp.broadcast_to(kv_lengths, tuple(batch)).reshape(flat).astype(jnp.int32)
+            # Under a vmap (the model's, over videos), cuDNN's batching rule in jax 0.10 reshapes the
+            # query and key lengths to the batched queries' row count, and fails on lengths not
+            # batched with them: the vision tower's (a constant window layout), and the query lengths
+            # jax fills in. A select on a test of q, the same value either way, batches them with q
+            # (XLA removes it); every query is valid, as without query lengths.
+            head = q4[:, 0, 0, 0]
+            batched = functools.partial(jnp.where, head == head)
             out = jax.nn.dot_product_attention(q4, k4, v4, scale=scale, is_causal=causal,
-                                               key_value_seq_lengths=lengths, implementation=impl)
+                                               query_seq_lengths=batched(nq, nq).astype(jnp.int32),
+                                               key_value_seq_lengths=batched(lengths, lengths),
+                                               implementation=impl)
             return out.reshape(q.shape)
         m4 = None
         if mask is not None:
