@@ -19,7 +19,7 @@
 # Every step's log and JSON report land in OUT_DIR. PYTHON picks the interpreter (default python3);
 # SMOKE_TIMEOUT / MAIN_TIMEOUT bound steps 2-3 in seconds, so one hang cannot eat the whole lease;
 # steps 4 to 6 run only while the script is inside BUDGET seconds (default 570). Within a 15-minute
-# lease on an H100: SMOKE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 MAIN_TIMEOUT=330 BUDGET=545.
+# lease on an H100: SMOKE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 MAIN_TIMEOUT=360 BUDGET=545.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:?usage: launch/bench_gpu.sh OUT_DIR [BASELINE_SCRIPT]}
