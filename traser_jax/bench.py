@@ -624,6 +624,11 @@ def bench(cfg: Config, *, seq: int, frames: int, res: int, objects: int, object_
     return report
 
 
+def gib(plan: dict[str, int]) -> dict[str, float]:
+    """A memory plan's bytes as GiB, to 1/1000."""
+    return {k: round(v / 2 ** 30, 3) for k, v in plan.items()}
+
+
 def gpu_target_devices(target_config: Path) -> list[jax.Device]:
     """One device of the GPU that an XLA target config describes (a `gpu_device_info` text proto, e.g.
     configs/gpu/h100.pbtxt), to compile for without one: needs jax's CUDA plugin installed."""
@@ -654,7 +659,7 @@ def memory_plan_report(cfg: Config, *, seq: int, frames: int, res: int, objects:
     plan = Trainer(cfg, make_mesh(cfg.mesh, devices=devices)).memory_plan(batch_np)
     return {**run_facts(cfg, batch=batch, seq=seq, num_devices=len(devices), device=devices[0]),
             "frames": frames, "res": res, "objects": objects, "selected_tokens": sizes["selected"],
-            "memory_plan_gib": {k: round(v / 2 ** 30, 3) for k, v in plan.items()}}
+            "memory_plan_gib": gib(plan)}
 
 
 def lm_memory_plan_report(cfg: Config, *, seq: int, batch: int, device: jax.Device | None = None) -> dict[str, Any]:
@@ -666,9 +671,8 @@ def lm_memory_plan_report(cfg: Config, *, seq: int, batch: int, device: jax.Devi
                                           jax.sharding.PartitionSpec())
     step, params, opt_state, tokens = lm_step_program(cfg, seq=seq, batch=batch, sharding=sharding)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
-    plan = memory_plan(compiled)
     return {**run_facts(cfg, batch=batch, seq=seq, num_devices=1, device=device),
-            "lm_step": {"memory_plan_gib": {k: round(v / 2 ** 30, 3) for k, v in plan.items()}}}
+            "lm_step": {"memory_plan_gib": gib(memory_plan(compiled))}}
 
 
 def _sig(x: float) -> float:
@@ -761,13 +765,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = args.object_cells or max(1, (args.res // cell) ** 2 // 8)
     if args.memory_plan:
         try:
-            devices = gpu_target_devices(Path(args.gpu_target)) if args.gpu_target else jax.devices()
+            devices = gpu_target_devices(Path(args.gpu_target)) if args.gpu_target else None  # None: local
             if args.lm_step_only:
-                report = lm_memory_plan_report(cfg, seq=args.seq, batch=args.batch, device=devices[0])
+                report = lm_memory_plan_report(cfg, seq=args.seq, batch=args.batch,
+                                               device=devices[0] if devices else None)
             else:
                 report = memory_plan_report(cfg, seq=args.seq, frames=args.frames, res=args.res,
                                             objects=args.objects, object_cells=cells, batch=args.batch,
-                                            seed=args.seed, devices=devices[:1] if args.gpu_target else None)
+                                            seed=args.seed, devices=devices)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
