@@ -58,10 +58,11 @@ def parse_description(llm: LLMClient, cfg: ParseConfig, description: str) -> Par
 
 def parse_descriptions(llm: LLMClient, cfg: ParseConfig, descriptions: dict[int, str],
                        threads: int = 8) -> dict[int, ParsedObject]:
-    """Stage 5 on one video: {object id: parsed label}."""
-    ids = sorted(descriptions)
-    if not ids:
+    """Stage 5 on one video: {object id: parsed label}. Each distinct description is parsed once: two
+    identical requests in flight together would both miss the response cache and both be paid for."""
+    texts = sorted(set(descriptions.values()))
+    if not texts:
         return {}
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(ids)))) as pool:
-        parsed = list(pool.map(lambda i: parse_description(llm, cfg, descriptions[i]), ids))
-    return dict(zip(ids, parsed))
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(texts)))) as pool:
+        parsed = dict(zip(texts, pool.map(lambda text: parse_description(llm, cfg, text), texts)))
+    return {i: parsed[descriptions[i]] for i in sorted(descriptions)}
