@@ -7,19 +7,20 @@
 # 2. unless SMOKE=0, a smoke step of traser_3b's exact shapes with 2 decoder and 2 vision layers, with
 #    the cuDNN fused attention (train.attention_impl=cudnn); if that fails, the other runs use `xla`;
 # 3. the main run: the Hugging Face PyTorch baseline (../shared/bench/hf_torch_baseline.py) on the same
-#    card, then in one process traser_3b's decoder alone (--lm-step-only) at batch 2 x 4096 tokens with
-#    the settings that were fastest on an H100 (DECODER, below; the preset's remat) and the LM_VARIANTS:
-#    the layer loops unrolled (train.unroll_layers), batch 3 unrolled, batch 3 looped; if it ends
-#    without the batch-2 row, the decoder alone once more at batch 1 (the baseline's line is in main.log);
-# 4. if the time allows, the decoder alone at batch 2 under each of XLA_FLAG_VARIANTS (none by default;
+#    card, then in one process traser_3b's decoder alone (--lm-step-only) at batch 3 x 4096 tokens with
+#    the settings that were fastest on an H100 (DECODER, below; the preset's remat and unrolled layer
+#    loops) and the LM_VARIANTS (none by default: each costs about 2 minutes of compiling); if it ends
+#    without the batch-3 row, the decoder alone once more at batch 2 (the baseline's line is in main.log);
+# 4. if the time allows, the whole traser_3b step at batch 2 (32 frames at 448 px, 8 objects) with
+#    DECODER's settings;
+# 5. if the time allows, the decoder alone at batch 2 under each of XLA_FLAG_VARIANTS (none by default;
 #    space-separated; one process each, as XLA reads its flags once per process);
-# 5. if the time allows, the faster of step 3's batch-2 decoders (looped or unrolled) profiled;
-# 6. if the time allows, the whole traser_3b step at batch 2 (32 frames at 448 px, 8 objects) with
-#    DECODER's settings, looped or unrolled as step 5.
+# 6. if the time allows, the batch-3 decoder once more, profiled.
 # Every step's log and JSON report land in OUT_DIR. PYTHON picks the interpreter (default python3);
 # SMOKE_TIMEOUT / MAIN_TIMEOUT bound steps 2-3 in seconds, so one hang cannot eat the whole lease;
 # steps 4 to 6 run only while the script is inside BUDGET seconds (default 570). Within a 15-minute
-# lease on an H100: SMOKE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 MAIN_TIMEOUT=360 BUDGET=545.
+# lease on an H100: SMOKE=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 MAIN_TIMEOUT=300 BUDGET=545. On an H100
+# the unrolled decoder takes about 2.5 minutes with its compile, the PyTorch baseline about 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:?usage: launch/bench_gpu.sh OUT_DIR [BASELINE_SCRIPT]}
@@ -51,29 +52,34 @@ if [ "${SMOKE:-1}" != 0 ]; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || { IMPL=xla; echo "== smoke failed with cudnn: the other runs use $IMPL"; }
 fi
 
-# 3. Batch 2 with DECODER's settings was the best on an H100 (59 GiB planned). Unrolled layer loops
-#    remove the loops' copies of weight slices and stacked remat residuals (23 ms of a 378 ms step
-#    there). Compiled for an H100 without one (BENCHMARKS.md), the unrolled step has none of those
-#    copies and plans 59.0 GiB at batch 2 and 69.8 GiB at batch 3, as the loop (59.2 and 69.7 GiB).
-LM_VARIANTS=(
-    "train.unroll_layers=true"
-    "batch=3 train.unroll_layers=true"
-    "batch=3"
-)
+# 3. Batch 3 with DECODER's settings and the preset's unrolled layer loops was the best on an H100
+#    (0.502 s, 50.3 % MFU, 69.7 GiB planned; BENCHMARKS.md). Batch 2 unrolled was 0.342 s, looped 0.371 s
+#    (--lm-variant "batch=2 train.unroll_layers=false").
+LM_VARIANTS=()
 VARIANT_ARGS=()
 for V in "${LM_VARIANTS[@]}"; do VARIANT_ARGS+=(--lm-variant "$V"); done
-echo "== main: the PyTorch baseline, the decoder alone at batch 2, ${#LM_VARIANTS[@]} variants; attention_impl=$IMPL"
-timeout "${MAIN_TIMEOUT:-420}" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 2 --steps 8 \
+echo "== main: the PyTorch baseline, the decoder alone at batch 3, ${#LM_VARIANTS[@]} variants; attention_impl=$IMPL"
+timeout "${MAIN_TIMEOUT:-420}" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 3 --steps 8 \
     --warmup 2 --lm-step-only --baseline --baseline-script "$BASELINE" "${VARIANT_ARGS[@]}" \
     --out "$OUT_DIR/main.json" train.attention_impl=$IMPL "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/main.log"
 if ! grep -q '^lm step: ' "$OUT_DIR/main.log"; then  # a variant cut short by the timeout is no failure
-    echo "== main failed: the decoder alone again at batch 1, no baseline, no variants"
-    timeout "${FALLBACK_TIMEOUT:-200}" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 1 \
-        --steps 8 --warmup 2 --lm-step-only --out "$OUT_DIR/main_b1.json" train.attention_impl=$IMPL \
-        "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/main_b1.log"
+    echo "== main failed: the decoder alone again at batch 2, no baseline, no variants"
+    timeout "${FALLBACK_TIMEOUT:-200}" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 2 \
+        --steps 8 --warmup 2 --lm-step-only --out "$OUT_DIR/main_b2.json" train.attention_impl=$IMPL \
+        "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/main_b2.log"
 fi
 
-# 4. If the time allows, and only with XLA_FLAG_VARIANTS set (space-separated): the decoder alone at batch
+# 4. If the time allows: the whole step at batch 2 (68 GiB planned on an H100 with the layer loops
+#    unrolled, 70.2 GiB looped).
+LEFT=$(( ${BUDGET:-570} - SECONDS ))
+if [ "$LEFT" -gt 100 ]; then
+    echo "== whole step, batch 2 (${LEFT} s left)"
+    timeout "$LEFT" "$PY" -m traser_jax.bench --config traser_3b "${SHAPES[@]}" --batch 2 --steps 6 \
+        --warmup 2 --out "$OUT_DIR/whole_b2.json" train.attention_impl=$IMPL "${DECODER[@]}" \
+        2>&1 | tee "$OUT_DIR/whole_b2.log"
+fi
+
+# 5. If the time allows, and only with XLA_FLAG_VARIANTS set (space-separated): the decoder alone at batch
 #    2 under each, one process each (XLA reads its flags once per process). The dynamic-slice fusion
 #    flag, the last lease's guess at the copies, leaves the compiled step as it is (BENCHMARKS.md).
 for FLAG in ${XLA_FLAG_VARIANTS:-}; do
@@ -86,35 +92,14 @@ for FLAG in ${XLA_FLAG_VARIANTS:-}; do
         2>&1 | tee "$OUT_DIR/lm_$NAME.log"
 done
 
-# 5. and 6. use the faster of step 3's batch-2 rows, looped or unrolled (read from the log: a run cut
-#    short has its rows).
-UNROLL=$("$PY" - "$OUT_DIR/main.log" <<'PY'
-import json, sys
-rows = {}
-for line in open(sys.argv[1]):
-    for tag in ("lm step: ", "lm variant: "):
-        if line.startswith(tag):
-            row = json.loads(line[len(tag):])
-            rows[row.get("variant", "")] = row.get("tokens_per_s", 0)
-print("true" if rows.get("train.unroll_layers=true", 0) > rows.get("", float("inf")) else "false")
-PY
-)
-
-# 5. If the time allows: that decoder at batch 2 once more, its device time traced and split by kernel
-#    kind (lm_b2_profile.json; the trace in OUT_DIR/trace): what is left after the copies.
+# 6. If the time allows: the batch-3 decoder once more, its device time traced and split by kernel
+#    kind (lm_b3_profile.json; the trace in OUT_DIR/trace, and its Perfetto file as lm_b3_trace.json.gz).
 LEFT=$(( ${BUDGET:-570} - SECONDS ))
 if [ "$LEFT" -gt 100 ]; then
-    echo "== decoder alone, batch 2, train.unroll_layers=$UNROLL, profiled (${LEFT} s left)"
-    timeout "$LEFT" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 2 --steps 8 --warmup 2 \
-        --lm-step-only --profile "$OUT_DIR/trace" --out "$OUT_DIR/lm_b2_profile.json" train.attention_impl=$IMPL \
-        "${DECODER[@]}" train.unroll_layers=$UNROLL 2>&1 | tee "$OUT_DIR/lm_b2_profile.log"
-fi
-
-# 6. If the time allows: the whole step at batch 2 (69 GiB planned on an H100), the same way.
-LEFT=$(( ${BUDGET:-570} - SECONDS ))
-if [ "$LEFT" -gt 100 ]; then
-    echo "== whole step, batch 2, train.unroll_layers=$UNROLL (${LEFT} s left)"
-    timeout "$LEFT" "$PY" -m traser_jax.bench --config traser_3b "${SHAPES[@]}" --batch 2 --steps 6 \
-        --warmup 2 --out "$OUT_DIR/whole_b2.json" train.attention_impl=$IMPL "${DECODER[@]}" \
-        train.unroll_layers=$UNROLL 2>&1 | tee "$OUT_DIR/whole_b2.log"
+    echo "== decoder alone, batch 3, profiled (${LEFT} s left)"
+    timeout "$LEFT" "$PY" -m traser_jax.bench --config traser_3b --seq 4096 --batch 3 --steps 8 --warmup 2 \
+        --lm-step-only --profile "$OUT_DIR/trace" --out "$OUT_DIR/lm_b3_profile.json" train.attention_impl=$IMPL \
+        "${DECODER[@]}" 2>&1 | tee "$OUT_DIR/lm_b3_profile.log"
+    TRACE=$(find "$OUT_DIR/trace" -name '*trace.json.gz' 2>/dev/null | head -n 1)
+    [ -z "$TRACE" ] || cp "$TRACE" "$OUT_DIR/lm_b3_trace.json.gz"
 fi

@@ -5,7 +5,8 @@ from traser_jax import config
 
 
 def test_presets_load():
-    assert config.load("traser_3b").text.num_layers == 36
+    preset = config.load("traser_3b")
+    assert preset.text.num_layers == 36 and preset.train.unroll_layers  # the layer loops written out
     tiny = config.load("tiny")
     assert tiny.vision.fullatt_block_indexes == [1, 3] and tiny.text.hidden_size == 64
 
