@@ -96,10 +96,10 @@ def _unsharded(state) -> list[str]:
 
 
 def compare_sharded(data_dir: str, run_dir: str, meshes: list[tuple[int, ...]]) -> list[dict]:
-    """For each (data, fsdp, tensor[, grad_accum_steps[, loss_chunk[, unroll_layers]]]) mesh over the 8 devices: the
-    loss and gradients
-    of one batch of 8 videos next to the single-device ones (one step, from the same state), the
-    parameters the rules cannot shard on it, and the large state arrays left whole."""
+    """For each (data, fsdp, tensor[, grad_accum_steps[, loss_chunk[, unroll_layers]]]) mesh over the 8
+    devices: the loss and gradients of one batch of 8 videos next to the single-device ones (one step,
+    from the same state), the parameters the rules cannot shard on it, and the large state arrays left
+    whole."""
     import jax
     import numpy as np
 
